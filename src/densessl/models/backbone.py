@@ -1,0 +1,238 @@
+"""Backbones built with timm behind one patch-token API.
+
+Every objective, evaluator and the DSE metric talks to a backbone only through
+``forward_patches(images) -> (tokens (B, N, D), grid (h, w))``, so ViTs and CNNs are
+interchangeable everywhere.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Arch:
+    timm_name: str  # timm architecture; `.tag` selects the pretrained weights for weights=hub
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    family: str = "timm"  # "dinov2" enables export in the official torch.hub key layout
+
+
+ARCHS: dict[str, Arch] = {
+    # Small random-init ViTs for tests and the CPU quickstart (no pretrained weights exist).
+    "vit_tiny": Arch("vit_tiny_patch16_224", dict(depth=4, patch_size=16)),
+    "vit_small_p16": Arch("vit_small_patch16_224"),
+    "dino_vits16": Arch("vit_small_patch16_224.dino"),
+    "dino_vitb16": Arch("vit_base_patch16_224.dino"),
+    "dinov2_vits14": Arch("vit_small_patch14_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitb14": Arch("vit_base_patch14_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vits14_reg": Arch("vit_small_patch14_reg4_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitb14_reg": Arch("vit_base_patch14_reg4_dinov2.lvd142m", family="dinov2"),
+    "resnet50": Arch("resnet50.tv_in1k"),
+}
+
+# Prefixes that wrap backbone keys in the checkpoints people actually have: DDP (module.),
+# DINO/iBOT/NeCo heads (backbone.), MoCo/DenseCL (encoder_q.), I-JEPA (encoder.).
+_WRAPPER_PREFIXES = ("module.", "backbone.", "encoder_q.", "encoder.", "model.")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be obtained or do not fit the architecture."""
+
+
+class Backbone(nn.Module):
+    """A timm ViT or CNN exposing dense patch tokens.
+
+    Args:
+        name: a key of :data:`ARCHS`.
+        weights: ``"none"`` (random init), ``"hub"`` (timm pretrained weights from the hub) or a
+            path to a checkpoint file (official DINO/DINOv2, timm, MoCo/DenseCL, a densessl
+            Lightning checkpoint or an exported state dict).
+        img_size: nominal input size of ViTs (positional embeddings are interpolated for other
+            sizes; any size the patch size divides works).
+        drop_path_rate: stochastic depth of ViT blocks (linear over depth, as timm).
+        drop_registers: load register weights into a model without registers (NeCo's "R-XR").
+        checkpoint_key: in a densessl Lightning checkpoint, which network to load ("teacher" or
+            "student").
+        model_kwargs: extra timm ``create_model`` arguments (e.g. depth for ``vit_tiny``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weights: str = "none",
+        img_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        drop_registers: bool = False,
+        checkpoint_key: str = "teacher",
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in ARCHS:
+            raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHS)} (backbone.name=...)")
+        self.name, self.arch = name, ARCHS[name]
+        kwargs = {**self.arch.kwargs, **(model_kwargs or {})}
+        self.is_vit = not name.startswith("resnet")
+        if self.is_vit:
+            kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
+            if img_size is not None:
+                kwargs["img_size"] = img_size
+            if drop_registers:
+                kwargs["reg_tokens"] = 0
+                kwargs["no_embed_class"] = False
+        self.model = timm.create_model(self.arch.timm_name, pretrained=False, num_classes=0, **kwargs)
+        if self.is_vit:
+            self.patch_size = int(self.model.patch_embed.patch_size[0])
+            self.embed_dim = int(self.model.embed_dim)
+            self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        else:
+            self.patch_size = 32  # C5 stride of ResNets
+            self.embed_dim = int(self.model.num_features)
+            self.num_prefix_tokens = 0
+        self.load_weights(weights, drop_registers=drop_registers, checkpoint_key=checkpoint_key)
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, images: Tensor) -> dict[str, Tensor | tuple[int, int] | None]:
+        """images (B, 3, H, W) -> dict(patches (B, N, D), cls (B, D) | None,
+        registers (B, R, D) | None, grid (h, w))."""
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        if not self.is_vit:
+            fmap = self.model.forward_features(images)  # (B, D, h, w)
+            return {"patches": fmap.flatten(2).transpose(1, 2), "cls": None, "registers": None,
+                    "grid": tuple(fmap.shape[-2:])}
+        if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+            raise ValueError(f"input size {tuple(images.shape[-2:])} is not a multiple of the patch size "
+                             f"{self.patch_size}; resize or crop to a multiple (e.g. {h * self.patch_size})")
+        x = self.model.forward_features(images)  # (B, prefix + N, D), after the final norm
+        p = self.num_prefix_tokens
+        has_cls = getattr(self.model, "cls_token", None) is not None
+        return {"patches": x[:, p:], "cls": x[:, 0] if has_cls else None,
+                "registers": x[:, int(has_cls):p] if p > int(has_cls) else None, "grid": (h, w)}
+
+    def forward_patches(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """images (B, 3, H, W) -> tokens (B, N, D) after the final norm, grid (h, w), N = h*w."""
+        out = self.forward_features(images)
+        return out["patches"], out["grid"]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_patches(images)[0]
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: str, drop_registers: bool = False, checkpoint_key: str = "teacher") -> None:
+        if weights in (None, "none"):
+            return
+        if weights == "hub":
+            self._load_hub(drop_registers)
+            return
+        path = Path(os.path.expanduser(str(weights)))
+        if not path.is_file():
+            raise WeightsError(
+                f"backbone.weights={weights!r} is neither 'none', 'hub' nor an existing checkpoint file. "
+                f"Point it at a .pth/.ckpt file, or use backbone.weights=none for a random init.")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = extract_backbone_state(state, checkpoint_key)
+        if drop_registers:
+            state = _drop_register_tokens(state)
+        self._load_state(state, source=str(path))
+
+    def _load_hub(self, drop_registers: bool) -> None:
+        if "." not in self.arch.timm_name:
+            raise WeightsError(f"backbone '{self.name}' has no pretrained weights; use backbone.weights=none")
+        try:
+            donor = timm.create_model(self.arch.timm_name, pretrained=True, num_classes=0)
+        except Exception as err:  # network errors come in many types (OSError, HTTP, hub-specific)
+            cfg = timm.get_pretrained_cfg(self.arch.timm_name)
+            url = (cfg.url if cfg else None) or f"https://huggingface.co/{cfg.hf_hub_id if cfg else self.arch.timm_name}"
+            raise WeightsError(
+                f"could not download pretrained weights for '{self.name}' (timm '{self.arch.timm_name}'): "
+                f"{type(err).__name__}: {err}.\nThis machine may be offline. Either download the "
+                f"checkpoint elsewhere (e.g. {url}) and set backbone.weights=/path/to/checkpoint.pth, "
+                f"or train from scratch with backbone.weights=none.") from err
+        state = donor.state_dict()
+        if drop_registers:
+            state = _drop_register_tokens(state)
+        self._load_state(state, source=f"hub:{self.arch.timm_name}")
+
+    def _load_state(self, state: dict[str, Tensor], source: str) -> None:
+        if self.is_vit:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = checkpoint_filter_fn(state, self.model)  # DINOv2 key layout, pos-embed resampling
+        own = self.model.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "mask_token"))}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or mismatched:
+            raise WeightsError(
+                f"checkpoint {source} does not fit backbone '{self.name}': missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}, shape mismatch {mismatched[:5]}. "
+                f"Check backbone.name matches the checkpoint's architecture.")
+        self.model.load_state_dict(state, strict=True)
+
+    # ------------------------------------------------------------------ export
+    def export_state_dict(self, layout: str = "timm") -> dict[str, Tensor]:
+        """A plain state dict: ``layout="timm"`` loads strictly into the matching timm model,
+        ``layout="dinov2"`` into the official torch.hub DINOv2 model (``facebookresearch/dinov2``)."""
+        state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        if layout == "timm":
+            return state
+        if layout != "dinov2" or self.arch.family != "dinov2":
+            raise ValueError(f"layout '{layout}' is not available for backbone '{self.name}' (use 'timm')")
+        out = dict(state)  # S/B/L DINOv2 blocks share timm's key names (only ViT-g's SwiGLU differs)
+        if "reg_token" in out:
+            # timm folds the class position into cls_token for register models (no_embed_class);
+            # the official layout keeps a class slot in pos_embed: give it zero so cls + pos[0] is unchanged.
+            out["register_tokens"] = out.pop("reg_token")
+            pos = out["pos_embed"]
+            out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        out["mask_token"] = torch.zeros(1, self.embed_dim)
+        return out
+
+
+def extract_backbone_state(state: dict[str, Any], checkpoint_key: str = "teacher") -> dict[str, Tensor]:
+    """Find the backbone weights in the checkpoint formats in common use."""
+    if "state_dict" in state and isinstance(state["state_dict"], dict):  # Lightning (densessl or other)
+        sd = state["state_dict"]
+        prefix = f"{checkpoint_key}_backbone.model."
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        state = sd
+    for key in (checkpoint_key, "model", "state_dict"):  # DINO/iBOT full checkpoints, timm/DeiT
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    changed = True
+    while changed:  # strip nested wrappers such as module.backbone.
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if state and all(k.startswith(p) or not k.startswith(_WRAPPER_PREFIXES) for k in state) \
+                    and any(k.startswith(p) for k in state):
+                state = {k[len(p):] if k.startswith(p) else k: v for k, v in state.items()}
+                changed = True
+    if any(k.startswith("encoder_k.") or k.startswith("queue") for k in state):  # MoCo/DenseCL extras
+        state = {k: v for k, v in state.items() if not k.startswith(("encoder_k.", "queue"))}
+    return state
+
+
+def _drop_register_tokens(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Register weights -> a model without registers (NeCo "R-XR": a non-strict load that drops them)."""
+    state = dict(state)
+    if "register_tokens" in state:  # official layout: pos_embed already has the class slot
+        state.pop("register_tokens")
+    elif "reg_token" in state:  # timm layout: class position folded into cls_token
+        state.pop("reg_token")
+        pos = state["pos_embed"]
+        state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    return state
+
+
+def build_backbone(name: str, weights: str = "none", **kwargs: Any) -> Backbone:
+    return Backbone(name=name, weights=weights, **kwargs)

@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import timm
+import torch
+
+from densessl.models import Backbone, WeightsError, cosine_momentum, ema_update, make_teacher
+from densessl.models.heads import DINOHead, ProjectionHead
+from densessl.schedules import cosine_schedule, linear_warmup_constant
+
+TINY = dict(name="vit_tiny", model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=8))
+
+
+def test_forward_patches_any_size_the_patch_divides():
+    b = Backbone(**TINY)
+    tokens, grid = b.forward_patches(torch.randn(2, 3, 48, 64))
+    assert grid == (6, 8) and tokens.shape == (2, 48, 32)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        b.forward_patches(torch.randn(1, 3, 50, 64))
+
+
+def test_resnet_patches_are_c5_map():
+    b = Backbone("resnet50")
+    tokens, grid = b.forward_patches(torch.randn(1, 3, 64, 96))
+    assert grid == (2, 3) and tokens.shape == (1, 6, 2048) and b.patch_size == 32
+
+
+def test_registers_are_separate_from_patches():
+    b = Backbone("dinov2_vits14_reg", model_kwargs=dict(depth=1))
+    out = b.forward_features(torch.randn(1, 3, 28, 42))
+    assert out["patches"].shape == (1, 6, 384) and out["registers"].shape == (1, 4, 384)
+    assert out["cls"].shape == (1, 384)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_timm_state_dict_and_wrapped_dino_checkpoint(tmp_path):
+    src = Backbone(**TINY)
+    torch.save(src.export_state_dict("timm"), tmp_path / "timm.pth")
+    assert _same_weights(Backbone(**TINY, weights=str(tmp_path / "timm.pth")).model, src.model)
+    # DINO/iBOT training checkpoints: {"teacher": {"module.backbone.<key>": ..., "module.head...": ...}}
+    wrapped = {f"module.backbone.{k}": v for k, v in src.model.state_dict().items()}
+    wrapped["module.head.mlp.0.weight"] = torch.zeros(2, 2)
+    torch.save({"teacher": wrapped, "student": {}, "epoch": 3}, tmp_path / "dino.pth")
+    assert _same_weights(Backbone(**TINY, weights=str(tmp_path / "dino.pth")).model, src.model)
+
+
+def test_dinov2_export_round_trip_in_official_layout(tmp_path):
+    kw = dict(name="dinov2_vits14_reg", model_kwargs=dict(depth=1))
+    src = Backbone(**kw)
+    official = src.export_state_dict("dinov2")
+    # Official hub layout: register_tokens, a class slot in pos_embed, a mask_token.
+    assert "register_tokens" in official and "mask_token" in official and "reg_token" not in official
+    assert official["pos_embed"].shape[1] == 37 * 37 + 1
+    torch.save(official, tmp_path / "official.pth")
+    dst = Backbone(**kw, weights=str(tmp_path / "official.pth"))
+    x = torch.randn(1, 3, 28, 28)
+    src.eval(), dst.eval()
+    torch.testing.assert_close(dst.forward_patches(x)[0], src.forward_patches(x)[0])
+
+
+def test_register_weights_into_model_without_registers(tmp_path):
+    src = Backbone("dinov2_vits14_reg", model_kwargs=dict(depth=1))
+    torch.save(src.export_state_dict("dinov2"), tmp_path / "reg.pth")
+    xr = Backbone("dinov2_vits14_reg", weights=str(tmp_path / "reg.pth"), drop_registers=True, model_kwargs=dict(depth=1))
+    assert xr.num_prefix_tokens == 1 and "reg_token" not in xr.model.state_dict()
+    torch.testing.assert_close(xr.model.blocks[0].attn.qkv.weight, src.model.blocks[0].attn.qkv.weight)
+
+
+def test_wrong_checkpoint_and_missing_file_name_the_fix(tmp_path):
+    torch.save(Backbone("resnet50").export_state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(WeightsError, match="does not fit backbone 'vit_tiny'"):
+        Backbone(**TINY, weights=str(tmp_path / "r50.pth"))
+    with pytest.raises(WeightsError, match="backbone.weights=none"):
+        Backbone(**TINY, weights=str(tmp_path / "nope.pth"))
+
+
+def test_offline_hub_names_both_alternatives(monkeypatch):
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("no network")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(WeightsError) as err:
+        Backbone("dino_vits16", weights="hub", model_kwargs=dict(depth=1))
+    msg = str(err.value)
+    assert "backbone.weights=/path/to/checkpoint.pth" in msg and "backbone.weights=none" in msg
+    assert "dino_deitsmall16_pretrain.pth" in msg  # where to download it
+
+
+def test_momentum_and_cosine_schedules_endpoints():
+    assert cosine_momentum(0, 100, 0.9995) == pytest.approx(0.9995)
+    assert cosine_momentum(100, 100, 0.9995) == pytest.approx(1.0)
+    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert cosine_schedule(0, 100, 0.04, 0.5) == pytest.approx(0.04)
+    assert cosine_schedule(100, 100, 0.04, 0.5) == pytest.approx(0.5)
+    assert cosine_schedule(55, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine_schedule(5, 100, 1.0, 0.0, warmup_steps=10, warmup_start=0.0) == pytest.approx(0.5)
+    assert cosine_schedule(25, 100, 2.0, 0.0) == pytest.approx(1 + math.cos(math.pi / 4))
+    assert linear_warmup_constant(0, 30, 0.04, 0.07) == pytest.approx(0.04)
+    assert linear_warmup_constant(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup_constant(99, 30, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def test_ema_update_by_hand_and_frozen_teacher():
+    student = torch.nn.Linear(2, 1)
+    teacher = make_teacher(student, torch.nn.Linear(2, 1))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(3.0)
+    ema_update([(student, teacher)], 0.75)
+    torch.testing.assert_close(teacher.weight, torch.full((1, 2), 0.75 * 3 + 0.25 * 1))
+
+
+def test_heads_shapes_and_normalisation():
+    head = ProjectionHead(32, hidden_dim=16, out_dim=8)
+    y = head(torch.randn(2, 5, 32))
+    assert y.shape == (2, 5, 8)
+    torch.testing.assert_close(y.norm(dim=-1), torch.ones(2, 5))
+    dino = DINOHead(32, out_dim=64, hidden_dim=16, bottleneck_dim=8)
+    assert dino(torch.randn(3, 32)).shape == (3, 64)
+    assert not dino.last_layer.parametrizations.weight.original0.requires_grad
