@@ -1,0 +1,43 @@
+"""Datasets, synthetic scenes and joint segmentation transforms."""
+
+# Defined before the submodule imports below, which read them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+from densessl.data.datasets import (  # noqa: E402
+    ADE20K_CLASSES,
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    ADE20KSegmentation,
+    ImageFolderDataset,
+    SegTransform,
+    VOCSegmentation,
+    read_image,
+    read_mask,
+)
+from densessl.data.synthetic import (  # noqa: E402
+    SYNTHETIC_CLASSES,
+    default_cache_dir,
+    ensure_synthetic_voc,
+    make_synthetic_voc,
+    voc_colormap,
+)
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "ADE20KSegmentation",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "SYNTHETIC_CLASSES",
+    "SegTransform",
+    "VOCSegmentation",
+    "VOC_CLASSES",
+    "default_cache_dir",
+    "ensure_synthetic_voc",
+    "make_synthetic_voc",
+    "read_image",
+    "read_mask",
+    "voc_colormap",
+]
