@@ -1,0 +1,3 @@
+from densessl.callbacks.dense_eval import DenseEvalCallback
+
+__all__ = ["DenseEvalCallback"]

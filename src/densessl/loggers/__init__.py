@@ -1,0 +1,3 @@
+from densessl.loggers.neptune import NeptuneLogger
+
+__all__ = ["NeptuneLogger"]

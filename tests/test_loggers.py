@@ -1,0 +1,50 @@
+"""Neptune (own logger, offline mode) and MLflow (local file store) record what training logs."""
+import json
+from pathlib import Path
+
+import pytest
+
+from densessl.loggers import NeptuneLogger
+
+
+def _neptune_ops(root: Path) -> list[dict]:
+    logs = sorted((root / ".neptune" / "offline").glob("*/data-*.log"))
+    assert logs, "neptune wrote no offline run"
+    return [json.loads(line)["obj"] for f in logs for line in f.read_text().splitlines() if line.strip()]
+
+
+def test_neptune_offline_records_params_metrics_steps_and_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = NeptuneLogger(mode="offline", name="unit", tags=["t"])
+    logger.log_hyperparams({"method": {"name": "neco", "lr": 1e-5}, "seed": 3})
+    logger.log_metrics({"train/loss": 2.5, "val/dse": 0.25}, step=7)
+    logger.log_metrics({"train/loss": 1.5}, step=8)
+    logger.log_text("config/resolved", "seed: 3\n", extension="yaml")
+    logger.finalize("success")
+    ops = _neptune_ops(tmp_path)
+    paths = {"/".join(o["path"]): o for o in ops}
+    assert paths["parameters/method/name"]["value"] == "neco"
+    assert paths["parameters/seed"]["value"] == 3
+    loss = [o for o in ops if o["path"] == ["train", "loss"] and o["type"] == "LogFloats"]
+    values = [(v["value"], v["step"]) for o in loss for v in o["values"]]
+    assert values == [(2.5, 7.0), (1.5, 8.0)]
+    assert any(o["path"] == ["config", "resolved"] for o in ops)
+
+
+def test_neptune_needs_a_project_online(monkeypatch):
+    monkeypatch.delenv("NEPTUNE_PROJECT", raising=False)
+    with pytest.raises(ValueError, match="NEPTUNE_PROJECT"):
+        NeptuneLogger(mode="async")
+
+
+def test_mlflow_local_store_reads_back(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow 3 retired the file store
+    logger = MLFlowLogger(experiment_name="densessl", tracking_uri=uri)
+    logger.log_hyperparams({"seed": 3})
+    logger.log_metrics({"train/loss": 0.5}, step=2)
+    logger.finalize("success")
+    run = mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(logger.run_id)
+    assert run.data.params["seed"] == "3" and run.data.metrics["train/loss"] == 0.5
