@@ -1,3 +1,4 @@
 from densessl.callbacks.dense_eval import DenseEvalCallback
+from densessl.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["DenseEvalCallback"]
+__all__ = ["DenseEvalCallback", "PreemptionCheckpoint"]

@@ -1,0 +1,124 @@
+"""Evaluators wired to backbones and datasets: the one place the CLI, the training callbacks and
+the before/after report call, so every entry point runs the same protocol."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+from densessl.data.datasets import SegTransform
+from densessl.evaluation.features import extract_dense_features
+from densessl.evaluation.overcluster import OverclusterResult, overcluster
+
+
+class _WithTransform(Dataset):
+    def __init__(self, dataset: Any, transform: Any) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        image, mask = self.dataset[i]
+        return self.transform(image, mask)
+
+
+def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int = 0,
+               max_images: int | None = None) -> DataLoader:
+    """(image resized to image_size and normalised, mask nearest-resized to image_size) batches."""
+    if max_images is not None:
+        from torch.utils.data import Subset
+
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    return DataLoader(_WithTransform(dataset, SegTransform(image_size)), batch_size=batch_size,
+                      num_workers=num_workers, shuffle=False)
+
+
+def evaluate_overclustering(backbone: Any, dataset: Any, *, image_size: int = 448, batch_size: int = 16,
+                            max_images: int | None = None, num_workers: int = 0, device: str | None = None,
+                            **options: Any) -> OverclusterResult:
+    """Frozen patch tokens of ``backbone`` on ``dataset`` (image_size x image_size input) -> the
+    overclustering protocol of NeCo/Leopart (``densessl.evaluation.overcluster``)."""
+    base = dataset.dataset if hasattr(dataset, "dataset") else dataset
+    num_classes = int(getattr(base, "num_classes"))
+    device = device or next(backbone.parameters()).device
+    loader = seg_loader(dataset, image_size, batch_size, num_workers, max_images)
+    features = extract_dense_features(backbone, loader, device=device)
+    return overcluster(features, num_classes=num_classes, **options)
+
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # runtime imports are deferred: linear.py and retrieval.py import this module's helpers
+    from densessl.evaluation.linear import LinearResult
+    from densessl.evaluation.retrieval import RetrievalResult
+
+
+def _first(dataset: Any, max_images: int | None) -> Any:
+    if max_images is None:
+        return dataset
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(min(max_images, len(dataset))))
+
+
+def evaluate_linear(backbone: Any, train_dataset: Any, val_dataset: Any, *, max_train_images: int | None = None,
+                    max_val_images: int | None = None, **options: Any) -> LinearResult:
+    """Linear segmentation probe of the frozen ``backbone`` (``densessl.evaluation.linear.train_linear``;
+    datasets yield (PIL image, PIL mask); ``options`` are train_linear's, e.g. image_size, epochs,
+    augment, cache_features, device)."""
+    from densessl.evaluation.linear import train_linear
+
+    return train_linear(backbone, _first(train_dataset, max_train_images), _first(val_dataset, max_val_images),
+                        **options)
+
+
+def evaluate_retrieval(backbone: Any, train_dataset: Any, val_dataset: Any, *, max_train_images: int | None = None,
+                       max_val_images: int | None = None, **options: Any) -> RetrievalResult:
+    """Hummingbird dense NN retrieval of the frozen ``backbone`` (``densessl.evaluation.retrieval.hummingbird``;
+    ``options`` are hummingbird's, e.g. image_size, memory_size, augmentation_epochs, k, gpu)."""
+    from densessl.evaluation.retrieval import hummingbird
+
+    return hummingbird(backbone, _first(train_dataset, max_train_images), _first(val_dataset, max_val_images),
+                       **options)
+
+
+def load_backbone(backbone_cfg: dict[str, Any], weights: str | None = None) -> Any:
+    """Build the backbone to evaluate. ``weights`` may be None (use ``backbone_cfg['weights']``),
+    'hub', 'none', a checkpoint file, or a densessl training run folder: then the run's own backbone
+    config and its exported ``backbone.pth`` (else ``checkpoints/last.ckpt``) are used."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from densessl.models import Backbone
+
+    cfg = dict(backbone_cfg)
+    if weights:
+        run = Path(weights).expanduser()
+        if run.is_dir():
+            if not (run / "config.yaml").is_file():
+                raise FileNotFoundError(f"{run} is a folder but not a densessl run (no config.yaml); pass a "
+                                        f"checkpoint file or a run folder written by experiments/train.py")
+            cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").backbone, resolve=True)
+            exported = run / "backbone.pth"
+            weights = str(exported if exported.is_file() else run / "checkpoints" / "last.ckpt")
+        cfg["weights"] = weights
+    cfg["drop_path_rate"] = 0.0
+    return Backbone(**cfg).eval()
+
+
+def write_results(out_dir: Any, name: str, figures: dict[str, float], table: str) -> None:
+    """figures -> out_dir/{name}.json and .csv; prints the table."""
+    import csv
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=2))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["metric", "value"])
+        writer.writerows(sorted(figures.items()))
+    print(table)
+    print(f"\nresults: {out / f'{name}.json'} and {out / f'{name}.csv'}", flush=True)

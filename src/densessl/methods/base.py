@@ -1,0 +1,241 @@
+"""What every objective shares: student/teacher backbones, optimiser groups, per-step schedules,
+EMA, on-device colour augmentation, the optional DSE regularizer and the non-finite-loss guard.
+
+An objective subclasses :class:`SSLMethod`, builds its heads in ``__init__``, and implements
+``compute_loss(batch) -> dict`` (``"loss"`` plus any terms to log; ``"dense"``, the student's patch
+tokens (B, N, D), enables the DSE regularizer). Optionally it overrides ``momentum_pairs`` and
+``param_groups``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from densessl.models import Backbone, cosine_momentum, ema_update, make_teacher
+from densessl.schedules import cosine_schedule
+from densessl.transforms import ColorAugment, MultiCropWithBoxes, collate_multicrop
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss is NaN/inf; Lightning does not checkpoint on exceptions, so the last good
+    checkpoint on disk stays untouched."""
+
+
+class SSLMethod(L.LightningModule):
+    """Base LightningModule for dense SSL objectives.
+
+    Args:
+        backbone: keyword arguments of :class:`densessl.models.Backbone` (the ``backbone`` config group).
+        optim: ``name`` (adamw|sgd), ``lr`` (backbone), ``head_lr`` (defaults to lr), ``weight_decay``,
+            ``final_weight_decay``, ``final_lr`` (absolute, for every group scaled by its lr ratio),
+            ``warmup_epochs``, ``betas`` / ``momentum``, ``batch_size_scaling`` (linear lr scaling
+            by global batch / 256, as DINO/iBOT).
+        teacher: ``None`` for no teacher, else ``momentum`` (base) and ``final_momentum`` of the cosine
+            EMA schedule.
+        color: keyword arguments of :class:`ColorAugment` applied on device to every crop.
+        dse_regularizer: ``weight`` (beta) and DSE options; adds -beta * DSE(student patch tokens).
+        eval_on: which network evaluators and exports use ("teacher" or "student").
+        student_drop_path: stochastic depth of the student only (the teacher always has none).
+        crops: keyword arguments of :class:`MultiCropWithBoxes` (the CPU-side view sampler).
+    """
+
+    def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
+                 color: dict[str, Any] | None = None, dse_regularizer: dict[str, Any] | None = None,
+                 eval_on: str = "teacher", student_drop_path: float | None = None,
+                 crops: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        student_cfg = dict(backbone)
+        if student_drop_path is not None:
+            student_cfg["drop_path_rate"] = student_drop_path
+        self.student_backbone = Backbone(**student_cfg)
+        self.teacher_cfg = teacher
+        if teacher is not None:
+            teacher_cfg = {**backbone, "weights": "none", "drop_path_rate": 0.0}
+            self.teacher_backbone = make_teacher(self.student_backbone, Backbone(**teacher_cfg))
+        if eval_on not in ("teacher", "student") or (eval_on == "teacher" and teacher is None):
+            raise ValueError(f"eval_on={eval_on!r} needs a teacher; use 'student' for methods without one")
+        self.eval_on = eval_on
+        self.optim_cfg = dict(optim)
+        self.color = ColorAugment(**(color or {}))
+        self.crops_cfg = dict(crops or {})
+        self.dse_cfg = dict(dse_regularizer or {})
+        self.dse_weight = float(self.dse_cfg.pop("weight", 0.0))
+        # Private generators (DSE k-means, reference sampling, ...) never touch the global RNG; they
+        # are saved in checkpoints with the global RNG states for exact resume.
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_generator_states: dict[str, Tensor] = {}
+        self._last_ema_step = -1
+
+    # ------------------------------------------------------------------ networks
+    @property
+    def backbone(self) -> Backbone:
+        return self.student_backbone
+
+    @property
+    def eval_backbone(self) -> Backbone:
+        """The network evaluators, the DSE monitor and exports use."""
+        return self.teacher_backbone if self.eval_on == "teacher" else self.student_backbone
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(student, teacher) module pairs updated by EMA after every optimiser step."""
+        return [(self.student_backbone, self.teacher_backbone)] if self.teacher_cfg is not None else []
+
+    def param_groups(self) -> list[tuple[str, nn.Module, float]]:
+        """(name, module, lr) of every trained part; objectives add their heads."""
+        return [("backbone", self.student_backbone, self.optim_cfg["lr"])]
+
+    def train_transform(self) -> Callable[[Any], Any]:
+        """CPU-side view sampler applied to each PIL image by the data loader."""
+        return MultiCropWithBoxes(**self.crops_cfg)
+
+    collate_fn = staticmethod(collate_multicrop)
+
+    # ------------------------------------------------------------------ the step
+    def compute_loss(self, batch: Any) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Colour augmentation on the batch's device: kornia on GPU in real runs, CPU in tests.
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "crops" in batch:
+            batch["crops"] = [self.color(c) for c in batch["crops"]]
+        return batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        terms = self.compute_loss(batch)
+        loss = terms.pop("loss")
+        dense = terms.pop("dense", None)
+        if self.dse_weight > 0:
+            if dense is None:
+                raise ValueError(f"{type(self).__name__} does not expose dense student tokens for the DSE regularizer")
+            reg = self.dse_term(dense)
+            terms["dse_reg"] = reg.detach()
+            terms["ssl_loss"] = loss.detach()
+            loss = loss - self.dse_weight * reg
+        if not torch.isfinite(loss):
+            self._raise_non_finite(loss, terms)
+        bs = batch["boxes"].shape[0] if isinstance(batch, dict) and "boxes" in batch else None
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    def generator(self, name: str, device: torch.device, seed: int | None = None) -> torch.Generator:
+        """A named private generator on ``device``, seeded once by (seed, name, rank); ``seed``
+        defaults to the run's seed (``torch.initial_seed()`` after ``seed_everything``)."""
+        seed = int(torch.initial_seed()) % 2**31 if seed is None else seed
+        gen = self._generators.get(name)
+        if gen is None or gen.device != torch.device(device):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed + 1000 * self.global_rank + sum(map(ord, name)))
+            if gen_state := self._pending_generator_states.pop(name, None):
+                gen.set_state(gen_state)
+            self._generators[name] = gen
+        return gen
+
+    def dse_term(self, dense: Tensor) -> Tensor:
+        from densessl.metrics import dse_regularizer
+
+        opts = {k: v for k, v in self.dse_cfg.items() if k != "seed"}
+        gen = self.generator("dse", dense.device, self.dse_cfg.get("seed", 0))
+        return dse_regularizer(dense, generator=gen, **opts)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.fabric.utilities.seed import _collect_rng_states
+
+        checkpoint["densessl_rng"] = {"global": _collect_rng_states(),
+                                      "generators": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.fabric.utilities.seed import _set_rng_states
+
+        state = checkpoint.get("densessl_rng")
+        if state is not None:
+            _set_rng_states(state["global"])
+            self._pending_generator_states = dict(state["generators"])
+
+    def _raise_non_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        ckpt = None
+        if self.trainer is not None and self.trainer.checkpoint_callback is not None:
+            cb = self.trainer.checkpoint_callback
+            ckpt = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None
+        shown = {k: float(v) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+        raise NonFiniteLossError(
+            f"non-finite loss {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"terms: {shown}. Last good checkpoint: {ckpt or 'none written yet'}. Lower the learning rate, "
+            f"use trainer.precision=32 or bf16-mixed instead of 16-mixed, or enable gradient clipping "
+            f"(trainer.gradient_clip_val), then resume from that checkpoint.")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optim_cfg
+        scale = 1.0
+        if cfg.get("batch_size_scaling"):
+            scale = self.trainer.world_size * self._batch_size() / 256.0
+        groups = []
+        for name, module, lr in self.param_groups():
+            decay, no_decay = [], []
+            for pname, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                # No weight decay on biases and 1-D parameters (norms, layer scales, tokens' bias).
+                (no_decay if p.ndim <= 1 or pname.endswith(".bias") else decay).append(p)
+            for params, wd in ((decay, True), (no_decay, False)):
+                if params:
+                    groups.append({"params": params, "name": f"{name}{'' if wd else '_no_decay'}",
+                                   "base_lr": lr * scale, "apply_wd": wd,
+                                   "weight_decay": cfg.get("weight_decay", 0.0) if wd else 0.0, "lr": lr * scale})
+        name = cfg.get("name", "adamw").lower()
+        if name == "adamw":
+            return torch.optim.AdamW(groups, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        if name == "sgd":
+            return torch.optim.SGD(groups, momentum=cfg.get("momentum", 0.9))
+        raise ValueError(f"unknown optimiser '{name}' (method.optim.name: adamw | sgd)")
+
+    def _batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        return int(getattr(dm, "batch_size", 1)) if dm is not None else 1
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)
+
+    def steps_per_epoch(self) -> int:
+        return max(self.total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Per-step cosine lr (after linear warm-up) and cosine weight decay for every group."""
+        cfg, step, total = self.optim_cfg, self.global_step, self.total_steps
+        warmup = int(cfg.get("warmup_epochs", 0) * self.steps_per_epoch())
+        lr_ratio = cfg.get("final_lr", 0.0) / cfg["lr"] if cfg["lr"] else 0.0
+        wd, final_wd = cfg.get("weight_decay", 0.0), cfg.get("final_weight_decay", cfg.get("weight_decay", 0.0))
+        if cfg.get("schedule", "cosine") == "constant":
+            return
+        for group in self.trainer.optimizers[0].param_groups:
+            base = group["base_lr"]
+            group["lr"] = cosine_schedule(step, total, base, base * lr_ratio, warmup)
+            if group["apply_wd"]:
+                group["weight_decay"] = cosine_schedule(step, total, wd, final_wd)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimiser step (not per accumulated micro-batch), after the update as DINO does.
+        # (NeCo's reference updates inside training_step, i.e. before the step: one step of lag.)
+        step = self.global_step - 1
+        if self.teacher_cfg is None or step < 0 or step == self._last_ema_step:
+            return
+        self._last_ema_step = step
+        m = self.momentum_at(step)
+        ema_update(self.momentum_pairs(), m)
+        self.log("train/momentum", m)
+
+    def momentum_at(self, step: int) -> float:
+        cfg = self.teacher_cfg
+        return cosine_momentum(step, self.total_steps, cfg["momentum"], cfg.get("final_momentum", 1.0))
+
+    # ------------------------------------------------------------------ export
+    def export_backbone(self, path: str, layout: str = "timm") -> None:
+        torch.save(self.eval_backbone.export_state_dict(layout), path)

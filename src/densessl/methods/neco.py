@@ -1,0 +1,162 @@
+"""NeCo: patch neighbour consistency (Pariza et al., ICLR 2025; vpariza/NeCo src/neco.py).
+
+The student learns to order reference patches by similarity to each of its patches the way the EMA
+teacher orders them, via differentiable sorting. Decisions on the reference's quirks
+(``shared/specs/neco.md`` section 1):
+
+(i) the reference's queue fill counter is shared by both queues and advances twice per step, so its
+    first steps sample zero vectors; here each queue keeps its own count and references are drawn
+    only from filled rows (with replacement while fewer than needed are filled).
+(ii) teacher parameters are frozen (``requires_grad=False``): same maths, no wasted backward.
+(iii) boxes are mapped to token units with the real grid (``transforms.align.to_crop_frame``).
+(iv) references come from the teacher, as the reference code does (the project page says student).
+The EMA update runs after the optimiser step (the reference runs it inside training_step, before the
+step): a one-step lag that does not change the schedule.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densessl.distributed import gather_rows
+from densessl.losses.neco import neco_loss
+from densessl.methods.base import SSLMethod
+from densessl.models import ProjectionHead, make_teacher
+from densessl.transforms import align_tokens, intersection, to_crop_frame
+
+
+class NeCo(SSLMethod):
+    """NeCo on any backbone with ``forward_patches``.
+
+    Batches come from ``MultiCropWithBoxes`` + ``collate_multicrop``: ``crops`` (globals first, then
+    locals; all crops of one resolution share a forward pass) and ``boxes`` (B, n_crops, 4).
+
+    Args (beyond :class:`SSLMethod`):
+        head: ProjectionHead kwargs (2048 hidden, 256 out, 3 layers, L2-normalised).
+        roi_size: aligned grid per crop pair (7 -> 49 queries and 49 references per image).
+        queue_size: rows per global-crop reference queue (0 disables the queue: references are the
+            batch's shuffled aligned teacher features).
+        queue_push: teacher tokens pushed per image per step (reference: 10).
+        student_steepness / teacher_steepness: sorting-network steepness (100 / 100).
+        sorter: "bitonic" or "odd_even".
+        similarity: "cosine" (every reference config) or "euclidean" (the code's default).
+    """
+
+    def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
+                 head: dict[str, Any] | None = None, roi_size: int = 7, queue_size: int = 8192,
+                 queue_push: int = 10, student_steepness: float = 100.0, teacher_steepness: float = 100.0,
+                 sorter: str = "bitonic", similarity: str = "cosine", n_global: int = 2, **kwargs: Any) -> None:
+        super().__init__(backbone, optim, teacher=teacher or {"momentum": 0.9995}, **kwargs)
+        head = head or {}
+        dim = self.student_backbone.embed_dim
+        # Heads are independent random inits (the reference does not copy the student head).
+        self.student_head = ProjectionHead(dim, **head)
+        self.teacher_head = make_teacher(ProjectionHead(dim, **head), ProjectionHead(dim, **head))
+        self.roi_size, self.n_global = roi_size, n_global
+        self.steepness = (student_steepness, teacher_steepness)
+        self.sorter, self.similarity = sorter, similarity
+        self.queue_size, self.queue_push = queue_size, queue_push
+        out_dim = head.get("out_dim", 256)
+        if queue_size > 0:
+            # Buffers, so checkpoints (and exact resume) carry the queues and their fill counts.
+            self.register_buffer("queue", torch.zeros(n_global, queue_size, out_dim))
+            self.register_buffer("queue_ptr", torch.zeros(n_global, dtype=torch.long))
+            self.register_buffer("queue_fill", torch.zeros(n_global, dtype=torch.long))
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return super().momentum_pairs() + [(self.student_head, self.teacher_head)]
+
+    def param_groups(self) -> list[tuple[str, nn.Module, float]]:
+        return super().param_groups() + [("head", self.student_head, self.optim_cfg.get("head_lr", self.optim_cfg["lr"]))]
+
+    # ------------------------------------------------------------------ views
+    @staticmethod
+    def _embed(backbone: nn.Module, head: nn.Module, crops: list[Tensor]) -> list[tuple[Tensor, Tensor, tuple[int, int]]]:
+        """One forward per resolution: (backbone tokens (B, N, D), projected (B, N, d), grid) per crop."""
+        out: list[Any] = [None] * len(crops)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(crops):
+            by_size.setdefault(tuple(c.shape[-2:]), []).append(i)
+        for idx in by_size.values():
+            tokens, grid = backbone.forward_patches(torch.cat([crops[i] for i in idx]))
+            for j, raw, proj in zip(idx, tokens.chunk(len(idx)), head(tokens).chunk(len(idx))):
+                out[j] = (raw, proj, grid)
+        return out
+
+    def forward_views(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Aligned student/teacher features of every (global c, other v) pair.
+
+        Returns student (P, B, K, d), teacher (P, B, K, d), teacher_maps list of (B, N, d) per global,
+        dense: the student's backbone tokens of the first global crop (B, N, D), with
+        P = n_global * (n_crops - 1) pairs and K = roi_size**2.
+        """
+        crops, boxes = batch["crops"], batch["boxes"]
+        n_crops, g = len(crops), self.n_global
+        with torch.no_grad():
+            teacher = self._embed(self.teacher_backbone, self.teacher_head, crops[:g])
+        student = self._embed(self.student_backbone, self.student_head, crops)
+        pairs = [(c, v) for c in range(g) for v in range(n_crops) if v != c]
+        t_aligned, s_aligned = [], []
+        for c, v in pairs:
+            region = intersection(boxes[:, c], boxes[:, v])[:, None]  # (B, 1, 4) image coords
+            _, t_tok, t_grid = teacher[c]
+            _, s_tok, s_grid = student[v]
+            t_aligned.append(align_tokens(t_tok, t_grid, to_crop_frame(region, boxes[:, c:c + 1], t_grid), self.roi_size))
+            s_aligned.append(align_tokens(s_tok, s_grid, to_crop_frame(region, boxes[:, v:v + 1], s_grid), self.roi_size))
+        # RoI-align averages unit vectors: re-normalise (reference: F.normalize after roi_align).
+        t = F.normalize(torch.cat(t_aligned, 1).transpose(0, 1), dim=-1)  # (P, B, K, d)
+        s = F.normalize(torch.cat(s_aligned, 1).transpose(0, 1), dim=-1)
+        return {"student": s, "teacher": t, "teacher_maps": [teacher[c][1] for c in range(g)], "pairs": pairs,
+                "dense": student[0][0]}
+
+    # ------------------------------------------------------------------ references
+    @torch.no_grad()
+    def _push(self, maps: list[Tensor]) -> None:
+        """Push min(queue_push * B, queue_size) random teacher tokens of each global's full map,
+        gathered from every DDP rank first so all ranks keep identical queues."""
+        gen = self.generator("references", maps[0].device)
+        for c, tokens in enumerate(maps):
+            flat = tokens.reshape(-1, tokens.shape[-1])
+            n = min(self.queue_push * tokens.shape[0], self.queue_size, flat.shape[0])
+            rows = flat[torch.randperm(flat.shape[0], generator=gen, device=flat.device)[:n]]
+            rows = gather_rows(rows)[: self.queue_size]
+            n = rows.shape[0]
+            ptr = int(self.queue_ptr[c])
+            idx = (torch.arange(n, device=rows.device) + ptr) % self.queue_size
+            self.queue[c, idx] = rows.to(self.queue.dtype)
+            self.queue_ptr[c] = (ptr + n) % self.queue_size
+            self.queue_fill[c] = min(int(self.queue_fill[c]) + n, self.queue_size)
+
+    @torch.no_grad()
+    def references(self, teacher_aligned: Tensor, pairs: list[tuple[int, int]]) -> Tensor:
+        """(P, B, R, d) reference vectors per pair, R = roi_size**2, constant for the student."""
+        p, b, k, d = teacher_aligned.shape
+        gen = self.generator("references", teacher_aligned.device)
+        if self.queue_size <= 0:
+            # No-queue path: shuffle the pair's B*K aligned teacher vectors across the batch.
+            perm = torch.stack([torch.randperm(b * k, generator=gen, device=gen.device) for _ in range(p)])
+            flat = teacher_aligned.reshape(p, b * k, d)
+            return torch.gather(flat, 1, perm[..., None].expand(-1, -1, d)).reshape(p, b, k, d)
+        refs = []
+        need = b * k
+        for c, _ in pairs:
+            fill = int(self.queue_fill[c])
+            if fill >= need:
+                idx = torch.randperm(fill, generator=gen, device=gen.device)[:need]
+            else:  # early steps: fewer rows than references needed
+                idx = torch.randint(fill, (need,), generator=gen, device=gen.device)
+            refs.append(self.queue[c, idx])
+        return torch.stack(refs).reshape(p, b, k, d)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        views = self.forward_views(batch)
+        if self.queue_size > 0:
+            self._push(views["teacher_maps"])  # before the loss, as the reference
+        refs = self.references(views["teacher"], views["pairs"])
+        loss = neco_loss(views["student"], views["teacher"], refs, student_steepness=self.steepness[0],
+                         teacher_steepness=self.steepness[1], network=self.sorter, sim=self.similarity)
+        return {"loss": loss, "dense": views["dense"]}

@@ -1,0 +1,145 @@
+"""The training run behind ``experiments/train.py``: compose -> instantiate -> fit -> export."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from densessl.data.datamodule import SSLDataModule, prepare_root
+
+log = logging.getLogger("densessl")
+
+
+def build_method(cfg: DictConfig) -> L.LightningModule:
+    """Instantiate ``cfg.method`` (its ``_target_``) with the backbone and DSE-regularizer configs."""
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cfg.pop("name", None)
+    return hydra.utils.instantiate(method_cfg, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+                                   dse_regularizer=OmegaConf.to_container(cfg.dse.regularizer, resolve=True),
+                                   _recursive_=False)
+
+
+def build_dataset(cfg: DictConfig, split: str) -> Any:
+    node = cfg.data.get(split)
+    if node is None:
+        raise ValueError(f"data={cfg.data.name} has no '{split}' dataset; set data.{split} or pick another data config")
+    return hydra.utils.instantiate(node)
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or 'auto' (this run's last.ckpt)."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {path}. Pass a .ckpt file or a run folder "
+                                f"that contains checkpoints/last.ckpt.")
+    return str(path)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
+    from densessl.evaluation.protocols import evaluate_overclustering
+
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_root(cfg.data)
+    model = build_method(cfg)
+    dm = SSLDataModule(build_dataset(cfg, "train"), model.train_transform(), model.collate_fn,
+                       batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                       max_images=cfg.data.max_images)
+    val = build_dataset(cfg, "val") if cfg.eval_before_after else None
+
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers, callbacks=callbacks,
+                        default_root_dir=str(run_dir))
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if val is not None:
+        summary["before"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
+    ckpt = resolve_resume(cfg.resume, run_dir)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    summary["train_seconds"] = time.perf_counter() - start
+    if val is not None:
+        summary["after"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
+        if trainer.is_global_zero:
+            for lg in loggers:
+                for when in ("before", "after"):
+                    metrics = {f"overcluster_{when}/{k}": v for k, v in summary[when].as_dict().items()}
+                    lg.log_metrics(metrics, step=trainer.global_step)
+                lg.save()
+
+    export = run_dir / "backbone.pth"
+    if trainer.is_global_zero:
+        model.export_backbone(str(export), layout=cfg.export.layout)
+    summary.update(checkpoints=str(run_dir / "checkpoints"), logs=str(run_dir / "logs"),
+                   config=str(run_dir / "config.yaml"), backbone=str(export))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"run folder     : {summary['run_dir']}",
+             f"checkpoints    : {summary['checkpoints']}",
+             f"logs           : {summary['logs']}",
+             f"resolved config: {summary['config']}",
+             f"backbone export: {summary['backbone']}",
+             f"training time  : {summary['train_seconds']:.0f} s"]
+    if "before" in summary:
+        before, after = summary["before"], summary["after"]
+        lines.append("")
+        lines.append("overclustering mIoU (%) on data.val, mean +- std over seeds")
+        lines.append(f"{'K':>6} | {'before':>14} | {'after':>14} | {'change':>7}")
+        for k in before.miou:
+            b_m, b_s = before.mean(k) * 100, before.std(k) * 100
+            a_m, a_s = after.mean(k) * 100, after.std(k) * 100
+            lines.append(f"{k:>6} | {b_m:7.2f} +- {b_s:4.2f} | {a_m:7.2f} +- {a_s:4.2f} | {a_m - b_m:+7.2f}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+
+def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Entry-point decorator: errors caused by input (missing data, bad weights, bad options, a
+    non-finite loss) print their message, which names the fix, and exit with status 2 instead of a
+    traceback. ``DENSESSL_DEBUG=1`` re-raises them with the traceback."""
+    from densessl.methods.base import NonFiniteLossError
+    from densessl.models import WeightsError
+
+    user_errors = (FileNotFoundError, WeightsError, NonFiniteLossError, ValueError)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            cause: BaseException | None = err  # Hydra wraps errors raised inside instantiate()
+            while cause is not None and not isinstance(cause, user_errors):
+                cause = cause.__cause__
+            if cause is None or os.environ.get("DENSESSL_DEBUG"):
+                raise
+            print(f"\nerror: {cause}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

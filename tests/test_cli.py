@@ -1,0 +1,79 @@
+"""End-to-end runs of experiments/train.py on tiny settings (subprocess, CPU, synthetic data)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = ["data.synthetic.n_train=12", "data.synthetic.n_val=6", "data.synthetic.size=64",
+             "data.num_workers=0", "data.batch_size=2"]
+TINY_RUN = ["trainer.max_epochs=1", "trainer.max_steps=2", "logger=[csv]", "trainer.enable_progress_bar=false"]
+
+
+def run_train(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_quickstart_tiny_prints_before_after_and_writes_run(tmp_path):
+    proc = run_train(tmp_path, "+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1",
+                     "overcluster.ks=[7,10]", "overcluster.seeds=[0,1]", "overcluster.pca_dim=8",
+                     "overcluster.niter=5")
+    out = proc.stdout
+    assert "overclustering mIoU" in out and "before" in out and "after" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith(("7 |", "10 |"))]
+    assert len(rows) == 2
+    run = tmp_path / "run"
+    for name in ("checkpoints/last.ckpt", "config.yaml", "backbone.pth", "logs/csv/metrics.csv"):
+        assert (run / name).exists(), name
+    assert str(run / "checkpoints") in out and str(run / "config.yaml") in out
+    # The exported backbone loads strictly into a fresh backbone of the same architecture.
+    from densessl.models import Backbone
+
+    state = torch.load(run / "backbone.pth")
+    Backbone("vit_tiny", img_size=96, model_kwargs=dict(depth=1, patch_size=8)).model.load_state_dict(state, strict=True)
+
+
+def test_neco_dinov2_experiment_runs_offline_on_synthetic_data(tmp_path):
+    run_train(tmp_path, "+experiment=neco_dinov2", "backbone.weights=none", "data=synthetic", "trainer=cpu",
+              *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1", "method.crops.global_size=56",
+              "method.crops.local_size=28", "method.queue_size=64")
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    # the experiment's reference hyper-parameters survive the offline overrides
+    assert "lr: 1.0e-05" in cfg and "head_lr: 0.0001" in cfg and "queue_push: 10" in cfg
+    assert "name: dinov2_vits14" in cfg
+
+
+def test_misspelt_key_fails_with_hydra_message(tmp_path):
+    proc = run_train(tmp_path, "+experiment=quickstart", "method.queue_sise=3", check=False)
+    assert proc.returncode != 0
+    assert "queue_sise" in proc.stderr and "not in struct" in proc.stderr.lower().replace("'", "")
+
+
+def test_missing_dataset_names_the_key(tmp_path):
+    proc = run_train(tmp_path, "data=coco", f"data.root={tmp_path / 'nowhere'}", *TINY_RUN, check=False)
+    assert proc.returncode == 2
+    assert "data.root" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_offline_hub_weights_fail_with_both_alternatives(tmp_path):
+    env_backup = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        proc = run_train(tmp_path, "backbone=dino_vits16", "++backbone.model_kwargs.depth=1", *TINY_DATA, *TINY_RUN,
+                         check=False)
+    finally:
+        if env_backup is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env_backup
+    assert proc.returncode == 2
+    assert "backbone.weights=none" in proc.stderr and "backbone.weights=/path/to/checkpoint.pth" in proc.stderr

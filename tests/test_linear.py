@@ -1,0 +1,129 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from densessl.data import VOCSegmentation, ensure_synthetic_voc
+from densessl.evaluation.linear import LinearSegmentation, linear_logits, train_linear
+from densessl.evaluation.metrics import miou
+
+C, D, GRID, PATCH = 4, 8, 4, 8
+SIZE = GRID * PATCH
+
+
+def planted(num_images: int, seed: int, shuffle_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (n, h, w, D) = class prototypes + noise; masks (n, SIZE, SIZE) with a left and a right class.
+
+    shuffle_labels: the mask classes are drawn independently of the tokens (nothing to learn).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = 2 * torch.randn(C, D, generator=torch.Generator().manual_seed(123))
+    classes = torch.empty(num_images, GRID, GRID, dtype=torch.int64)
+    for i in range(num_images):
+        left, right = torch.randperm(C, generator=gen)[:2]
+        classes[i, :, : GRID // 2], classes[i, :, GRID // 2 :] = left, right
+    tokens = prototypes[classes] + 0.1 * torch.randn(num_images, GRID, GRID, D, generator=gen)
+    if shuffle_labels:
+        classes = torch.randint(0, C, classes.shape, generator=gen)
+    masks = classes.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)
+    return tokens, masks
+
+
+def fit(tokens: torch.Tensor, masks: torch.Tensor, epochs: int) -> LinearSegmentation:
+    torch.manual_seed(0)
+    module = LinearSegmentation(D, C, lr=0.1, train_mask_size=GRID)
+    loader = DataLoader(TensorDataset(tokens, masks), batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    return module.eval()
+
+
+def token_res_miou(module: LinearSegmentation, tokens: torch.Tensor, masks: torch.Tensor) -> float:
+    # At token resolution: at full resolution the argmax of bilinearly upsampled logits flips near, not
+    # exactly at, a class boundary (it depends on the learnt margins), costing ~2% of a 32 px image.
+    with torch.no_grad():
+        return miou(module.confusion(tokens, masks, mask_size=GRID))
+
+
+def test_conv_then_upsample_equals_upsample_then_conv():
+    torch.manual_seed(0)
+    head = nn.Conv2d(16, 5, 1)
+    tokens = torch.randn(2, 16, 4, 6)
+    for size in [(100, 100), (37, 23), (4, 6)]:
+        reference = head(F.interpolate(tokens, size=size, mode="bilinear"))  # NeCo's order
+        torch.testing.assert_close(linear_logits(head, tokens, size), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_separable_features_reach_miou_one():
+    tokens, masks = planted(64, seed=0)
+    module = fit(tokens, masks, epochs=8)
+    val_tokens, val_masks = planted(16, seed=1)
+    assert token_res_miou(module, val_tokens, val_masks) == pytest.approx(1.0)
+
+
+def test_shuffled_labels_score_chance():
+    # Chance is about 1 / (2C - 1) = 0.14 for uniform predictions; separable features reach 1.0.
+    tokens, masks = planted(64, seed=0, shuffle_labels=True)
+    module = fit(tokens, masks, epochs=3)
+    val_tokens, val_masks = planted(16, seed=1, shuffle_labels=True)
+    assert token_res_miou(module, val_tokens, val_masks) < 0.3
+
+
+def test_miou_and_loss_ignore_255():
+    tokens, masks = planted(64, seed=0)
+    # Training: a quarter of every mask is ignore; were it read as a class, it would be learnt.
+    noisy = masks.clone()
+    noisy[:, : SIZE // 2, : SIZE // 2] = 255
+    module = fit(tokens, noisy, epochs=8)
+    val_tokens, val_masks = planted(16, seed=1)
+    assert token_res_miou(module, val_tokens, val_masks) == pytest.approx(1.0)
+    # Evaluation: the first token column is ignore, except one pixel with a wrong label.
+    val_masks[:, :, :PATCH] = 255
+    val_masks[:, 0, 0] = (val_masks[:, 0, PATCH] + 1) % C
+    with torch.no_grad():
+        conf = module.confusion(val_tokens, val_masks, mask_size=GRID)
+    assert conf.sum() == 16 * (GRID * GRID - GRID + 1)  # ignore pixels dropped
+    assert conf.sum() - conf.trace() == 16  # the wrong pixel of each image is counted
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in backbone: a fixed random patch embedding (8 px patches)."""
+
+    patch_size, embed_dim = 8, 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, self.embed_dim, self.patch_size, self.patch_size)
+
+    def forward_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(images)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = ensure_synthetic_voc(tmp_path_factory.mktemp("voc") / "synthetic", n_train=8, n_val=4, size=64)
+    return VOCSegmentation(root, "train"), VOCSegmentation(root, "val")
+
+
+def test_train_linear_end_to_end_and_cache_parity(synthetic):
+    train, val = synthetic
+    torch.manual_seed(0)
+    backbone = TinyBackbone().train()
+    common = dict(image_size=64, epochs=2, batch_size=4, eval_batch_size=4, train_mask_size=32, val_mask_size=32)
+    result = train_linear(backbone, train, val, **common)  # augment=True: backbone on every batch
+    assert len(result.val_history) == 2 and 0.0 <= result.miou_full_res <= 1.0
+    assert result.miou_train_time_val_100px == result.val_history[-1]
+    assert result.head.weight.shape == (7, 16, 1, 1)
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())  # state restored
+    # Without augmentation, cached tokens and running the backbone per batch train the same head.
+    cached = train_linear(backbone, train, val, augment=False, cache_features=True, **common)
+    live = train_linear(backbone, train, val, augment=False, **common)
+    torch.testing.assert_close(cached.head.weight, live.head.weight)
+    assert cached.miou_full_res == live.miou_full_res and cached.val_history == live.val_history
+    with pytest.raises(ValueError, match="augment=False"):
+        train_linear(backbone, train, val, cache_features=True, **common)
