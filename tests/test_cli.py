@@ -77,3 +77,46 @@ def test_offline_hub_weights_fail_with_both_alternatives(tmp_path):
             os.environ["HF_HUB_OFFLINE"] = env_backup
     assert proc.returncode == 2
     assert "backbone.weights=none" in proc.stderr and "backbone.weights=/path/to/checkpoint.pth" in proc.stderr
+
+
+def run_eval(tmp_path: Path, script: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / f"eval_{script}"
+    cmd = [sys.executable, str(ROOT / "evaluation" / f"{script}.py"), f"hydra.run.dir={out}", "backbone=vit_tiny",
+           "++backbone.model_kwargs.depth=1", "data=synthetic", *TINY_DATA, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script}.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("script,overrides,key", [
+    ("overcluster", ["eval.options.ks=[7,9]", "eval.options.seeds=[0,1]", "eval.options.image_size=64",
+                     "eval.options.mask_size=64", "eval.options.pca_dim=8", "eval.options.niter=5",
+                     "eval.options.nredo=1", "eval.options.num_vis=2"], "k9_miou_mean"),
+    ("linear", ["eval.options.image_size=64", "eval.options.epochs=2", "eval.options.batch_size=4",
+                "eval.options.train_mask_size=32", "eval.options.val_mask_size=32"], "linear_miou_full_res"),
+    ("retrieval", ["eval.options.image_size=64", "eval.options.memory_size=200", "eval.options.batch_size=4",
+                   "eval.options.augmentation_epochs=1"], "hbird_miou"),
+])
+def test_evaluation_clis_write_figures(tmp_path, script, overrides, key):
+    proc = run_eval(tmp_path, script, *overrides)
+    out = tmp_path / f"eval_{script}"
+    figures = json.loads((out / f"{script}.json").read_text())
+    assert key in figures and 0.0 <= figures[key] <= 1.0
+    assert (out / f"{script}.csv").exists() and "results:" in proc.stdout
+    if script == "overcluster":
+        assert (out / "overcluster.png").stat().st_size > 0
+
+
+def test_evaluation_of_a_training_run_folder(tmp_path):
+    run_train(tmp_path, "+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1",
+              "eval_before_after=false")
+    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "evaluation" / "overcluster.py"), f"hydra.run.dir={tmp_path / 'ev'}",
+           f"weights={tmp_path / 'run'}", "data=synthetic", *TINY_DATA, "eval.options.ks=[7]",
+           "eval.options.seeds=[0]", "eval.options.image_size=96", "eval.options.mask_size=96",
+           "eval.options.pca_dim=8", "eval.options.niter=5", "eval.options.nredo=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "k7_miou_mean" in json.loads((tmp_path / "ev" / "overcluster.json").read_text())

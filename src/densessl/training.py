@@ -53,6 +53,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
+    from densessl.evaluation.pictures import log_picture, overcluster_panels
     from densessl.evaluation.protocols import evaluate_overclustering
 
     L.seed_everything(cfg.seed, workers=True)
@@ -81,10 +82,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if val is not None:
         summary["after"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
         if trainer.is_global_zero:
-            for lg in loggers:
-                for when in ("before", "after"):
-                    metrics = {f"overcluster_{when}/{k}": v for k, v in summary[when].as_dict().items()}
+            for when in ("before", "after"):
+                metrics = {f"overcluster_{when}/{k}": v for k, v in summary[when].as_dict().items()}
+                picture = overcluster_panels(summary[when], val, run_dir / "pictures" / f"overcluster_{when}.png",
+                                             title=f"{cfg.method.name} {when} training")
+                for lg in loggers:
                     lg.log_metrics(metrics, step=trainer.global_step)
+                if picture is not None:
+                    log_picture(loggers, f"pictures/overcluster_{when}", picture, trainer.global_step)
+                    summary[f"picture_{when}"] = str(picture)
+            for lg in loggers:
                 lg.save()
 
     export = run_dir / "backbone.pth"
@@ -102,6 +109,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"resolved config: {summary['config']}",
              f"backbone export: {summary['backbone']}",
              f"training time  : {summary['train_seconds']:.0f} s"]
+    if "picture_after" in summary:
+        lines.append(f"pictures       : {summary['picture_before']}, {summary['picture_after']}")
     if "before" in summary:
         before, after = summary["before"], summary["after"]
         lines.append("")

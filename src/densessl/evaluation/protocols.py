@@ -2,13 +2,17 @@
 the before/after report call, so every entry point runs the same protocol."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from densessl.data.datasets import SegTransform
 from densessl.evaluation.features import extract_dense_features
 from densessl.evaluation.overcluster import OverclusterResult, overcluster
+
+if TYPE_CHECKING:  # runtime imports are deferred: linear.py and retrieval.py import this module's helpers
+    from densessl.evaluation.linear import LinearResult
+    from densessl.evaluation.retrieval import RetrievalResult
 
 
 class _WithTransform(Dataset):
@@ -26,11 +30,7 @@ class _WithTransform(Dataset):
 def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int = 0,
                max_images: int | None = None) -> DataLoader:
     """(image resized to image_size and normalised, mask nearest-resized to image_size) batches."""
-    if max_images is not None:
-        from torch.utils.data import Subset
-
-        dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    return DataLoader(_WithTransform(dataset, SegTransform(image_size)), batch_size=batch_size,
+    return DataLoader(_WithTransform(_first(dataset, max_images), SegTransform(image_size)), batch_size=batch_size,
                       num_workers=num_workers, shuffle=False)
 
 
@@ -45,13 +45,6 @@ def evaluate_overclustering(backbone: Any, dataset: Any, *, image_size: int = 44
     loader = seg_loader(dataset, image_size, batch_size, num_workers, max_images)
     features = extract_dense_features(backbone, loader, device=device)
     return overcluster(features, num_classes=num_classes, **options)
-
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:  # runtime imports are deferred: linear.py and retrieval.py import this module's helpers
-    from densessl.evaluation.linear import LinearResult
-    from densessl.evaluation.retrieval import RetrievalResult
-
 
 def _first(dataset: Any, max_images: int | None) -> Any:
     if max_images is None:
