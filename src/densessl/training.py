@@ -25,7 +25,7 @@ def build_method(cfg: DictConfig) -> L.LightningModule:
     method_cfg.pop("name", None)
     return hydra.utils.instantiate(method_cfg, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
                                    dse_regularizer=OmegaConf.to_container(cfg.dse.regularizer, resolve=True),
-                                   _recursive_=False)
+                                   _recursive_=False, _convert_="all")
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Any:
@@ -49,6 +49,26 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {path}. Pass a .ckpt file or a run folder "
                                 f"that contains checkpoints/last.ckpt.")
     return str(path)
+
+
+def check_resume_checkpoint(path: str, model: L.LightningModule) -> None:
+    """Fail before training, with the file named, when a checkpoint is unreadable or belongs to another
+    model: never a silent restart from scratch."""
+    import torch
+
+    others = sorted(str(p.name) for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        keys = set(state["state_dict"])
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}). It may be truncated "
+                         f"(a job killed while writing it); resume from another checkpoint of that run: "
+                         f"{others or 'none found'}") from err
+    own = set(model.state_dict())
+    if keys != own:
+        raise ValueError(f"checkpoint {path} does not match this model: missing {sorted(own - keys)[:5]}, "
+                         f"unexpected {sorted(keys - own)[:5]}. Resume with the same method/backbone config "
+                         f"as the run that wrote it (its config.yaml).")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -76,6 +96,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if val is not None:
         summary["before"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
     ckpt = resolve_resume(cfg.resume, run_dir)
+    if ckpt is not None:
+        check_resume_checkpoint(ckpt, model)
+        print(f"resuming from {ckpt}", flush=True)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     summary["train_seconds"] = time.perf_counter() - start

@@ -132,8 +132,9 @@ class SSLMethod(L.LightningModule):
         if gen is None or gen.device != torch.device(device):
             gen = torch.Generator(device=device)
             gen.manual_seed(seed + 1000 * self.global_rank + sum(map(ord, name)))
-            if gen_state := self._pending_generator_states.pop(name, None):
-                gen.set_state(gen_state)
+            pending = self._pending_generator_states.pop(name, None)
+            if pending is not None:
+                gen.set_state(pending)
             self._generators[name] = gen
         return gen
 
@@ -147,7 +148,11 @@ class SSLMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lightning.fabric.utilities.seed import _collect_rng_states
 
-        checkpoint["densessl_rng"] = {"global": _collect_rng_states(),
+        states = _collect_rng_states()
+        # numpy's state holds an ndarray: store it as a tensor so weights_only loading accepts it.
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        states["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+        checkpoint["densessl_rng"] = {"global": states,
                                       "generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -155,7 +160,10 @@ class SSLMethod(L.LightningModule):
 
         state = checkpoint.get("densessl_rng")
         if state is not None:
-            _set_rng_states(state["global"])
+            states = dict(state["global"])
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            states["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, cached)
+            _set_rng_states(states)
             self._pending_generator_states = dict(state["generators"])
 
     def _raise_non_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
