@@ -115,3 +115,46 @@ def write_results(out_dir: Any, name: str, figures: dict[str, float], table: str
         writer.writerows(sorted(figures.items()))
     print(table)
     print(f"\nresults: {out / f'{name}.json'} and {out / f'{name}.csv'}", flush=True)
+
+
+def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
+                 batch_size: int = 64, seed: int = 0, device: Any = None) -> Any:
+    """Frozen patch tokens (n, N, D) of ``num_images`` images drawn with ``seed`` from ``dataset``
+    (images or (image, mask) items), resized (bicubic, shorter side image_size * 8/7) and centre-cropped
+    to image_size and ImageNet-normalised, as the DSE reference (Resize 256, CenterCrop 224)."""
+    import torch
+    from torchvision import transforms as T
+
+    from densessl.data import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = T.Compose([T.Resize(round(image_size * 8 / 7), interpolation=T.InterpolationMode.BICUBIC),
+                    T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
+    device = device or next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    out = None
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                items = [dataset[i] for i in order[start:start + batch_size]]
+                images = torch.stack([tf((x[0] if isinstance(x, tuple) else x).convert("RGB")) for x in items])
+                tokens, _ = backbone.forward_patches(images.to(device))
+                if out is None:  # preallocated once: features never sit in memory twice
+                    out = torch.empty(len(order), *tokens.shape[1:], dtype=torch.float32)
+                out[start:start + len(items)] = tokens.float().cpu()
+    finally:
+        backbone.train(was_training)
+    return out
+
+
+def evaluate_dse(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
+                 batch_size: int = 64, dse_batch: int = 1024, seed: int = 0, device: Any = None,
+                 **dse_options: Any) -> Any:
+    """DSE (``densessl.metrics.dse``) of ``backbone`` on a fixed sample of ``dataset``: terms per batch of
+    ``dse_batch`` images, averaged over batches with equal weight (reference get_DSE.py)."""
+    from densessl.metrics import dse_over_batches
+
+    feats = dse_features(backbone, dataset, num_images=num_images, image_size=image_size, batch_size=batch_size,
+                         seed=seed, device=device)
+    return dse_over_batches(feats.split(dse_batch), seed=seed, **dse_options)

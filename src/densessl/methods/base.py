@@ -101,7 +101,7 @@ class SSLMethod(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Colour augmentation on the batch's device: kornia on GPU in real runs, CPU in tests.
-        if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "crops" in batch:
+        if self._trainer is not None and self.trainer.training and isinstance(batch, dict) and "crops" in batch:
             batch["crops"] = [self.color(c) for c in batch["crops"]]
         return batch
 
@@ -168,7 +168,7 @@ class SSLMethod(L.LightningModule):
 
     def _raise_non_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         ckpt = None
-        if self.trainer is not None and self.trainer.checkpoint_callback is not None:
+        if self._trainer is not None and self.trainer.checkpoint_callback is not None:
             cb = self.trainer.checkpoint_callback
             ckpt = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None
         shown = {k: float(v) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -194,8 +194,10 @@ class SSLMethod(L.LightningModule):
                 (no_decay if p.ndim <= 1 or pname.endswith(".bias") else decay).append(p)
             for params, wd in ((decay, True), (no_decay, False)):
                 if params:
+                    # final_lr is absolute (DINO's min_lr is not batch-scaled), scaled per group by its lr ratio
+                    final = cfg.get("final_lr", 0.0) * lr / cfg["lr"] if cfg["lr"] else 0.0
                     groups.append({"params": params, "name": f"{name}{'' if wd else '_no_decay'}",
-                                   "base_lr": lr * scale, "apply_wd": wd,
+                                   "base_lr": lr * scale, "final_lr": final, "apply_wd": wd,
                                    "weight_decay": cfg.get("weight_decay", 0.0) if wd else 0.0, "lr": lr * scale})
         name = cfg.get("name", "adamw").lower()
         if name == "adamw":
@@ -219,13 +221,11 @@ class SSLMethod(L.LightningModule):
         """Per-step cosine lr (after linear warm-up) and cosine weight decay for every group."""
         cfg, step, total = self.optim_cfg, self.global_step, self.total_steps
         warmup = int(cfg.get("warmup_epochs", 0) * self.steps_per_epoch())
-        lr_ratio = cfg.get("final_lr", 0.0) / cfg["lr"] if cfg["lr"] else 0.0
         wd, final_wd = cfg.get("weight_decay", 0.0), cfg.get("final_weight_decay", cfg.get("weight_decay", 0.0))
         if cfg.get("schedule", "cosine") == "constant":
             return
         for group in self.trainer.optimizers[0].param_groups:
-            base = group["base_lr"]
-            group["lr"] = cosine_schedule(step, total, base, base * lr_ratio, warmup)
+            group["lr"] = cosine_schedule(step, total, group["base_lr"], group["final_lr"], warmup)
             if group["apply_wd"]:
                 group["weight_decay"] = cosine_schedule(step, total, wd, final_wd)
 

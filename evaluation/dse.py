@@ -1,0 +1,46 @@
+"""DSE of a backbone, or the DSE curve of every checkpoint of a training run with label-free
+model selection.
+
+  python evaluation/dse.py backbone=dinov2_vits14 backbone.weights=hub data=imagefolder data.root=/data/imagenet/train
+  python evaluation/dse.py weights=runs/<date>/<run> data=synthetic eval.options.num_images=256
+Options: configs/eval/dse.yaml.
+"""
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from densessl.data.datamodule import prepare_root
+from densessl.evaluation.dse_cli import TERMS, format_candidates, run_checkpoints, write_curve
+from densessl.evaluation.protocols import evaluate_dse, load_backbone, write_results
+from densessl.training import exit_on_user_error
+
+
+@hydra.main(config_path="../configs", config_name="evaluate_dse", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    prepare_root(cfg.data)
+    dataset = hydra.utils.instantiate(cfg.data[cfg.eval.split])
+    options = OmegaConf.to_container(cfg.eval.options, resolve=True)
+    run = Path(cfg.weights).expanduser() if cfg.weights else None
+    if run is None or not run.is_dir():
+        backbone = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True), cfg.weights).to(cfg.device)
+        result = evaluate_dse(backbone, dataset, device=cfg.device, **options)
+        write_results(out_dir, "dse", result.as_dict(), "\n".join(f"{k:<12} {v:.4f}" for k, v in result.as_dict().items()))
+        return
+    backbone_cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").backbone, resolve=True)
+    rows = []
+    for step, ckpt in run_checkpoints(run):
+        result = evaluate_dse(load_backbone(backbone_cfg, str(ckpt)).to(cfg.device), dataset, device=cfg.device,
+                              **options)
+        rows.append({"step": step, "checkpoint": ckpt.name, **{t: getattr(result, t) for t in TERMS}})
+        print(f"{ckpt.name}: " + ", ".join(f"{t}={getattr(result, t):.4f}" for t in TERMS), flush=True)
+    picks = write_curve(rows, out_dir)
+    print(format_candidates(rows, picks))
+    print(f"\ncurve: {out_dir / 'dse_curve.csv'} and {out_dir / 'dse_curve.png'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

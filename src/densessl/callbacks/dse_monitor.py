@@ -1,0 +1,56 @@
+"""DSE of the eval backbone on a fixed held-out sample during training (no labels needed)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class DSEMonitor(L.Callback):
+    """Every ``every_n_epochs`` epochs (or ``every_n_steps`` steps), compute DSE and its terms on the
+    same ``num_images`` images of ``dataset`` and log them as ``dse/value``, ``dse/inter``, ... to every
+    logger. The value is also logged through the LightningModule, so
+    ``ModelCheckpoint(monitor="dse/value", mode="max", save_top_k=k)`` keeps the top-k checkpoints by DSE.
+    Computed once on rank 0 and broadcast, so every rank logs the same figure.
+    """
+
+    def __init__(self, dataset: Any, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
+                 **options: Any) -> None:
+        self.dataset, self.options = dataset, options
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.history: list[dict[str, float]] = []
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, log_through_module: bool) -> None:
+        from densessl.evaluation.protocols import evaluate_dse
+
+        values = None
+        start = time.perf_counter()
+        if trainer.is_global_zero:
+            with torch.inference_mode(False):
+                result = evaluate_dse(pl_module.eval_backbone, self.dataset, **self.options)
+            values = result.as_dict("dse/")
+        values = trainer.strategy.broadcast(values, src=0)
+        cost = time.perf_counter() - start
+        values["dse/seconds"] = cost
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
+        if log_through_module:
+            for k, v in values.items():
+                pl_module.log(k, v, rank_zero_only=False)
+        else:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+        if trainer.is_global_zero:
+            print(f"[DSE] step {trainer.global_step}: value={values['dse/value']:.4f} inter={values['dse/inter']:.4f} "
+                  f"intra_img={values['dse/intra_img']:.4f} intra_batch={values['dse/intra_batch']:.4f} "
+                  f"dim={values['dse/dim']:.4f} ({cost:.1f} s)", flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module, log_through_module=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, pl_module, log_through_module=True)

@@ -1,0 +1,23 @@
+"""Representation-quality metrics."""
+
+from densessl.metrics.dse import (
+    DSEResult,
+    centered_singular_sum,
+    dse,
+    dse_over_batches,
+    dse_regularizer,
+    effective_rank,
+    lambda_normalized_dse,
+)
+from densessl.metrics.selection import select_checkpoints
+
+__all__ = [
+    "DSEResult",
+    "centered_singular_sum",
+    "dse",
+    "dse_over_batches",
+    "dse_regularizer",
+    "effective_rank",
+    "lambda_normalized_dse",
+    "select_checkpoints",
+]

@@ -1,0 +1,696 @@
+"""DSE (Dense representation Structure Estimator) as batched tensor code.
+
+Re-implements the official metric (EldercatSAM/SSL-Degradation, ``estimator.py``) and
+regularizer (``DSE_regularizer.py``) of Dai et al., NeurIPS 2025 (arXiv 2510.17299); see
+``/work/shared/specs/dse.md``. The reference loops over images, groups and clusters with a
+Python k-means; here all k-means problems of a kind run as one batched Lloyd iteration (over
+cache-sized chunks), and all singular-value work runs as batched LAPACK calls.
+
+Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance terms divided by
+``s`` = mean distance of a token to the batch-mean token):
+
+* ``intra_img``  -- per image, k-means with ``local_clusters``; mean centred singular-value
+  sum (css) over its clusters with >= 2 members; mean over images.
+* ``inter``      -- per group of ``group_size`` consecutive images, k-means with
+  ``global_clusters`` on the pooled tokens; mean over tokens of the Euclidean distance to
+  the nearest *other* centroid; mean over groups.
+* ``intra_batch`` -- css over all group clusters with >= 2 members, pooled over groups.
+* ``dim``        -- one random token per image gives a ``(B, D)`` matrix per draw; mean
+  normalised effective rank over ``N`` draws.
+* ``value`` = inter + dim - (intra_img + intra_batch) / 2.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DSEResult",
+    "centered_singular_sum",
+    "dse",
+    "dse_over_batches",
+    "dse_regularizer",
+    "effective_rank",
+    "lambda_normalized_dse",
+]
+
+Variant = Literal["code", "paper"]
+Seeding = Literal["d", "d2"]
+
+# k-means runs on chunks of problems small enough to stay in a 32 MB L3 cache: each Lloyd
+# step and each k-means++ draw is one memory-bound pass over the data, ~5x faster from cache.
+_CHUNK_BYTES = 8 * 2**20
+# css gathers clusters into zero-padded batches; sizes are rounded up to this multiple so a
+# batch holds many clusters (zero rows add only zero singular values, so this is exact) while
+# the eigenvalue cost, ~n^3, grows by only ~10% for clusters of ~65 tokens.
+_PAD_MULTIPLE = 4
+# Relative spread s / rms token norm below which the features count as collapsed.
+_COLLAPSE_RATIO = 1e-4
+_P_EPS = 1e-12  # added to every p_i in the effective rank (reference)
+
+
+@dataclass(frozen=True)
+class DSEResult:
+    """The DSE of one batch (or the equal-weight mean over batches) and its four terms."""
+
+    value: float
+    inter: float
+    intra_img: float
+    intra_batch: float
+    dim: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat ``{prefix + field: value}`` mapping for loggers."""
+        return {prefix + name: v for name, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """Where the official metric (estimator.py) and regularizer (DSE_regularizer.py) differ."""
+
+    reseed_empty: bool  # empty cluster: re-initialise at a random token (reg.) / keep (metric)
+    reassign: bool  # labels from the final centroids (reg.) / from the last assignment (metric)
+    reduce_k: bool  # k = min(k, #points) (reg.); the metric rejects such input instead
+    eps: float  # added to s and to sum(sigma) in er (reg. 1e-12); 0 = clamp s and warn (metric)
+    all_token_dim: bool  # M_dim = er of all B*N tokens (reg.) / mean er over per-position draws
+    img_default: float | None  # a_b of an image without a >=2-member cluster (None: skip image)
+    batch_default_scaled: bool  # "no cluster" intra_batch default 1 is divided by s (metric)
+
+
+_METRIC = _Rules(False, False, False, 0.0, False, 1.0, True)
+_REGULARIZER = _Rules(True, True, True, 1e-12, True, None, False)
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _singular_values(x: Tensor, member: Tensor | None = None, centre: bool = False) -> Tensor:
+    """Singular values of the member rows of x, column-centred over them if ``centre``.
+
+    x: (..., m, d), member: (..., m) bool (default all rows) -> (..., min(m, d)), unordered;
+    rows outside ``member`` only add zero singular values.
+
+    With autograd on: ``torch.linalg.svdvals`` of the masked, centred rows (differentiable,
+    as the reference). Without: eigenvalues of the smaller Gram matrix, in float64, masked
+    and centred on the Gram side so the (..., m, d) data is read only once. This is ~4x
+    faster than svdvals here, and float64 keeps the error of a zero singular value near
+    sqrt(eps64) * sigma_max ~ 1e-8 * sigma_max, below that of the reference's float32 svdvals.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        if member is not None:
+            x = x * member[..., None]
+        if centre:
+            n = x.shape[-2] if member is None else member.sum(-1)[..., None, None]
+            x = x - x.sum(-2, keepdim=True) / n
+            if member is not None:
+                x = x * member[..., None]
+        return torch.linalg.svdvals(x)
+    x = x.double()
+    w = None if member is None else member.double()
+    n = x.shape[-2] if w is None else w.sum(-1)[..., None, None]
+    if x.shape[-2] <= x.shape[-1]:
+        gram = x @ x.mT
+        ones = torch.ones_like(x[..., 0]) if w is None else w
+        outer = ones[..., :, None] * ones[..., None, :]
+        if w is not None:
+            gram = gram * outer
+        if centre:  # J G J with J = I - w w^T / n
+            r = gram.sum(-1, keepdim=True) / n  # (..., m, 1): row i . member mean
+            mean_sq = r.sum(-2, keepdim=True) / n  # |member mean|^2
+            gram = gram - r * ones[..., None, :] - ones[..., :, None] * r.mT + mean_sq * outer
+    else:
+        if w is not None:
+            x = x * w[..., None]
+        gram = x.mT @ x
+        if centre:
+            mean = x.sum(-2, keepdim=True) / n
+            gram = gram - n * mean.mT @ mean
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+
+
+def _er(x: Tensor, *, sum_eps: float = 0.0, normalise: bool = True) -> Tensor:
+    """exp(entropy of sigma / sum(sigma)) [/ min(n, d)]. x: (..., n, d) uncentred -> (...)."""
+    sigma = _singular_values(x)
+    total = (sigma.sum(-1, keepdim=True) + sum_eps).clamp_min(torch.finfo(sigma.dtype).tiny)
+    p = sigma / total + _P_EPS  # no renormalising (reference); an all-zero x gives 1 / min(n, d)
+    rank = torch.exp(-(p * p.log()).sum(-1))
+    return rank / min(x.shape[-2:]) if normalise else rank
+
+
+def effective_rank(x: Tensor) -> Tensor:
+    """Normalised effective rank of the uncentred rows, in (0, 1]. x: (..., n, d) -> (...)."""
+    return _er(x)
+
+
+def centered_singular_sum(x: Tensor) -> Tensor:
+    """Nuclear norm of the column-centred x over sqrt(max(n - 1, d)). x: (..., n, d) -> (...)."""
+    n, d = x.shape[-2:]
+    return _singular_values(x, centre=True).sum(-1) / math.sqrt(max(n - 1, d))
+
+
+def _cluster_css(
+    x: Tensor, labels: Tensor, k: int, variant: Variant, work: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """css of every cluster with >= 2 members.
+
+    x: (P, M, D) tokens, labels: (P, M) in [0, k) -> (css (P, k), valid (P, k) bool); css is 0
+    where not valid. Clusters are gathered into zero-padded batches of similar size.
+    """
+    P, M, D = x.shape
+    counts = F.one_hot(labels, k).sum(1)  # (P, k)
+    order = labels.argsort(dim=1, stable=True)  # token indices grouped by cluster
+    starts = counts.cumsum(1) - counts
+    valid = counts >= 2
+    prob, clus = valid.nonzero(as_tuple=True)
+    size = counts[prob, clus]
+    padded = (size + _PAD_MULTIPLE - 1) // _PAD_MULTIPLE * _PAD_MULTIPLE
+    values = x.new_zeros(len(size), dtype=work)
+    for m in padded.unique().tolist():
+        rows = torch.arange(m, device=x.device)
+        for sel in (padded == m).nonzero().squeeze(1).split(max(1, _CHUNK_BYTES // (m * D * 8))):
+            pos = (starts[prob[sel], clus[sel], None] + rows).clamp_max(M - 1)
+            pts = x[prob[sel, None], order[prob[sel, None], pos]]  # (C, m, D), rows >= size are padding
+            sigma_sum = _singular_values(pts, rows < size[sel, None], centre=True).sum(-1).to(work)
+            n = size[sel].to(work)
+            # code: / sqrt(max(n - 1, D)); paper (secondary summaries): / (n - 1)
+            denom = (n - 1).clamp_min(D).sqrt() if variant == "code" else n - 1
+            values = values.index_put((sel,), sigma_sum / denom)
+    css = values.new_zeros(P, k).index_put((prob, clus), values)
+    return css, valid
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    """Squared distances. x: (P, M, D), c: (P, k, D) -> (P, M, k).
+
+    Matrix-product form; callers pass batch-centred data, so the cancellation that breaks
+    float32 cdist near collapse (spec section 1, numerics) does not occur.
+    """
+    x_sq = torch.linalg.vector_norm(x, dim=-1).square()
+    return (x_sq[..., None] - 2 * x @ c.mT + c.square().sum(-1)[:, None, :]).clamp_min(0)
+
+
+def _seed(x: Tensor, k: int, seeding: Seeding, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding per problem. x: (P, M, D) -> initial centroids (P, k, D).
+
+    First centroid uniform, each next one drawn with weight D (reference) or D^2 (standard),
+    D = distance to the nearest chosen centroid.
+    """
+    batch = torch.arange(x.shape[0], device=x.device)
+    first = torch.randint(x.shape[1], (x.shape[0],), generator=generator, device=x.device)
+    centroids = x[batch, first][:, None]
+    # Direct differences: duplicates of a chosen token get weight exactly 0 (the matrix form
+    # leaves ~1e-4 after the square root, enough to pick a duplicate on well-separated data).
+    min_d = torch.linalg.vector_norm(x - centroids, dim=-1)
+    for _ in range(k - 1):
+        weight = min_d.square() if seeding == "d2" else min_d
+        # All points on the chosen centroids: draw uniformly (as DSE_regularizer.py).
+        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+        pick = torch.multinomial(weight, 1, generator=generator).squeeze(1)
+        new = x[batch, pick][:, None]
+        centroids = torch.cat([centroids, new], 1)
+        min_d = torch.minimum(min_d, torch.linalg.vector_norm(x - new, dim=-1))
+    return centroids
+
+
+def _lloyd(
+    x: Tensor, centroids: Tensor, *, iters: int, tol: float, rules: _Rules, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Lloyd steps per problem. x: (P, M, D), centroids: (P, k, D) -> ((P, k, D), labels (P, M)).
+
+    A problem stops once its centroid shift (Frobenius) falls below ``tol``; later steps no
+    longer update it, so each one follows exactly the path of the reference's loop. Labels
+    are those of the last assignment, made before the last update (metric), or of a final
+    assignment to the returned centroids (``rules.reassign``).
+    """
+    P, M, D = x.shape
+    k = centroids.shape[1]
+    centroids = centroids.clone()
+    labels = torch.zeros(P, M, dtype=torch.long, device=x.device)
+    # Working set: problems whose data sit in xs; it is compacted once half of them stopped
+    # (gathering costs about one step, so doing it every step would not pay).
+    work, xs = torch.arange(P, device=x.device), x
+    moving = torch.ones(P, dtype=torch.bool, device=x.device)
+    for _ in range(iters):
+        n = len(work)
+        old = centroids[work]
+        # |x|^2 is constant per point, so it is left out of the assignment.
+        assign = torch.baddbmm(old.square().sum(-1)[:, None, :], xs, old.mT, alpha=-2).argmin(-1)
+        # Cluster sums by index_add: O(M D) instead of the O(M k D) of a one-hot product.
+        flat = (assign + k * torch.arange(n, device=x.device)[:, None]).flatten()
+        sums = xs.new_zeros(n * k, D).index_add_(0, flat, xs.reshape(n * M, D)).view(n, k, D)
+        counts = torch.bincount(flat, minlength=n * k).view(n, k, 1)
+        if rules.reseed_empty:
+            draw = torch.randint(M, (n, k), generator=generator, device=x.device)
+            fallback = xs[torch.arange(n, device=x.device)[:, None], draw]
+        else:
+            fallback = old
+        updated = torch.where(counts > 0, sums / counts.clamp_min(1), fallback)
+        labels[work[moving]] = assign[moving]
+        centroids[work[moving]] = updated[moving]
+        moving &= (updated - old).flatten(1).norm(dim=1) >= tol
+        left = int(moving.sum())
+        if not left:
+            break
+        if left <= n // 2:
+            work, xs, moving = work[moving], xs[moving], moving[moving]
+    if rules.reassign:
+        labels = _sq_dist(x, centroids).argmin(-1)
+    return centroids, labels
+
+
+# ----------------------------------------------------------------------------- terms
+
+
+def _inter(x: Tensor, centroids: Tensor, labels: Tensor, variant: Variant) -> Tensor:
+    """Per-problem distance to the nearest other centroid. x: (P, M, D) -> (P,)."""
+    d2 = _sq_dist(x, centroids)
+    own = F.one_hot(labels, centroids.shape[1]).bool()
+    nearest_other = d2.masked_fill(own, math.inf).amin(-1)  # (P, M)
+    if variant == "code":
+        # zero gradient (not NaN) at a zero distance, as cdist in the reference regularizer
+        positive = nearest_other > 0
+        dist = torch.where(positive, nearest_other, torch.ones_like(nearest_other)).sqrt()
+        return torch.where(positive, dist, torch.zeros_like(dist)).mean(-1)
+    # paper (secondary summaries): squared, averaged per cluster, then over non-empty clusters
+    one_hot = own.to(x.dtype)
+    counts = one_hot.sum(1)
+    per_cluster = (one_hot * nearest_other[..., None]).sum(1) / counts.clamp_min(1)
+    return (per_cluster * (counts > 0)).sum(-1) / (counts > 0).sum(-1)
+
+
+def _clusters(
+    x: Tensor,
+    k: int,
+    *,
+    with_inter: bool,
+    variant: Variant,
+    work: torch.dtype,
+    seeding: Seeding,
+    iters: int,
+    tol: float,
+    rules: _Rules,
+    generator: torch.Generator,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """k-means and (optionally) inter over cache-sized chunks of problems, then css.
+
+    x: (P, M, D) -> (inter (P,) or None, css (P, k'), valid (P, k')), k' = k or fewer points.
+    k-means runs without gradient; distances use the detached centroids (reference).
+    """
+    P, M, D = x.shape
+    if k > M:
+        if not rules.reduce_k:
+            raise ValueError(
+                f"k-means needs at least {k} tokens per problem but got {M}; lower "
+                "local_clusters/global_clusters or use more tokens per image/group"
+            )
+        k = M
+    step = max(1, _CHUNK_BYTES // (M * D * x.element_size()))
+    inter, labels = [], []
+    for chunk in x.split(step):
+        with torch.no_grad():
+            centroids = _seed(chunk, k, seeding, generator)
+            centroids, chunk_labels = _lloyd(
+                chunk, centroids, iters=iters, tol=tol, rules=rules, generator=generator
+            )
+        if with_inter:
+            inter.append(_inter(chunk.to(work), centroids.to(work), chunk_labels, variant))
+        labels.append(chunk_labels)
+    css, valid = _cluster_css(x, torch.cat(labels), k, variant, work)
+    return (torch.cat(inter) if with_inter else None), css, valid
+
+
+def _centre(
+    features: Tensor, normalize: bool, work: torch.dtype, store: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch-centred tokens. features: (B, N, D) -> (y (B, N, D) in store, mean (D,), |y| (B, N)).
+
+    Normalising, centring and |y| are computed in ``work`` over chunks of images, so a
+    float64 pass never materialises a float64 copy of the whole batch.
+    """
+    B, N, D = features.shape
+    chunks = features.split(max(1, _CHUNK_BYTES // (N * D * 8)))
+    # 1 / max(|f|, 1e-12) per token, as F.normalize
+    scales = [
+        torch.linalg.vector_norm(f, dim=-1, dtype=work).clamp_min(1e-12).reciprocal()[..., None]
+        if normalize
+        else 1.0
+        for f in chunks
+    ]
+    mean = sum((f.to(work) * scale).sum((0, 1)) for f, scale in zip(chunks, scales)) / (B * N)
+    ys, norms = [], []
+    for f, scale in zip(chunks, scales):
+        y = f.to(work) * scale - mean
+        norms.append(torch.linalg.vector_norm(y, dim=-1))
+        ys.append(y.to(store))
+    return torch.cat(ys), mean, torch.cat(norms)
+
+
+def _terms(
+    features: Tensor,
+    rules: _Rules,
+    *,
+    work: torch.dtype,
+    store: torch.dtype,
+    normalize: bool,
+    local_clusters: int,
+    global_clusters: int,
+    group_size: int | None,
+    variant: Variant,
+    seeding: Seeding,
+    kmeans_iters: int,
+    tol: float,
+    rank_draws: int | None,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """The four DSE terms of one batch. features: (B, N, D) -> 0-dim tensors in ``work``.
+
+    Every term but M_dim is translation invariant, so k-means and distances use
+    batch-centred tokens ``y`` (stored in ``store``, float32 for the metric): distances stay
+    exact even when all tokens nearly coincide. Terms are evaluated in ``work``.
+    """
+    B, N, D = features.shape
+    G = group_size or max(global_clusters // local_clusters, 1)
+
+    y, mean, norms = _centre(features, normalize, work, store)
+    if not torch.isfinite(mean).all():  # any NaN/inf token reaches the mean
+        raise ValueError("DSE got non-finite features (NaN/inf); check the backbone output")
+    s = norms.mean()
+    if rules.eps:
+        s = s + rules.eps
+    else:
+        rms = (norms.square().mean() + mean.square().sum()).sqrt()
+        if s <= _COLLAPSE_RATIO * rms:  # also all-zero features
+            warnings.warn(
+                f"DSE: features are (nearly) collapsed: mean distance to the batch-mean token is "
+                f"{(s / rms).item():.2e} x the rms token norm, so the s-normalised terms mostly "
+                "measure noise",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        s = s.clamp_min(1e-12 * rms + torch.finfo(s.dtype).tiny)
+    scale = s if variant == "code" else torch.ones_like(s)  # paper: no division by s
+    options = dict(
+        variant=variant,
+        work=work,
+        seeding=seeding,
+        iters=kmeans_iters,
+        tol=tol,
+        rules=rules,
+        generator=generator,
+    )
+
+    # M_intra_img: one k-means per image.
+    _, css, valid = _clusters(y, local_clusters, with_inter=False, **options)
+    has = valid.any(1)
+    per_image = css.sum(1) / valid.sum(1).clamp_min(1)
+    if rules.img_default is not None:
+        intra_img = torch.where(has, per_image, rules.img_default).mean() / scale
+    else:
+        intra_img = per_image[has].mean() / scale if has.any() else s.new_zeros(())
+
+    # M_inter and M_intra_batch: one k-means per group of G consecutive images.
+    full = B // G * G
+    groups = [y[:full].reshape(B // G, G * N, D)] if full else []
+    if full < B:
+        groups.append(y[full:].reshape(1, (B - full) * N, D))
+    inter, css_all = [], []
+    for x in groups:
+        group_inter, css, valid = _clusters(x, global_clusters, with_inter=True, **options)
+        inter.append(group_inter)
+        css_all.append(css[valid])
+    inter = torch.cat(inter).mean() / scale
+    css_all = torch.cat(css_all)
+    if len(css_all):
+        intra_batch = css_all.mean() / scale
+    else:
+        intra_batch = s.new_ones(()) / (scale if rules.batch_default_scaled else 1)
+
+    normalise_er = variant == "code"  # paper: Erank not divided by min(n, d)
+    if rules.all_token_dim:
+        dim = _er((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
+    else:
+        # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
+        perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : rank_draws or N]
+        rows = torch.arange(B, device=y.device)[:, None]
+        step = max(1, _CHUNK_BYTES // (B * D * 8))
+        ers = [
+            _er((y[rows, perm[:, i : i + step]].to(work) + mean).transpose(0, 1), normalise=normalise_er)
+            for i in range(0, perm.shape[1], step)
+        ]
+        dim = torch.cat(ers).mean()
+
+    return {"inter": inter, "intra_img": intra_img, "intra_batch": intra_batch, "dim": dim}
+
+
+def _combine(inter: Tensor, intra_img: Tensor, intra_batch: Tensor, dim: Tensor) -> Tensor:
+    return inter + dim - (intra_img + intra_batch) / 2
+
+
+def _check(
+    features: Tensor,
+    variant: str,
+    seeding: str,
+    local_clusters: int,
+    global_clusters: int,
+    group_size: int | None,
+    rank_draws: int | None = None,
+) -> None:
+    if features.ndim != 3 or 0 in features.shape:
+        raise ValueError(
+            f"DSE expects non-empty features of shape (B, N, D), got {tuple(features.shape)}; "
+            "flatten CNN maps with x.flatten(2).transpose(1, 2)"
+        )
+    if not features.is_floating_point():
+        raise ValueError(f"DSE expects floating-point features, got {features.dtype}")
+    if variant not in ("code", "paper"):
+        raise ValueError(f"variant must be 'code' or 'paper', got {variant!r}")
+    if seeding not in ("d", "d2"):
+        raise ValueError(f"seeding must be 'd' (reference) or 'd2' (standard k-means++), got {seeding!r}")
+    if local_clusters < 1 or global_clusters < 2:
+        raise ValueError(
+            f"need local_clusters >= 1 and global_clusters >= 2, got {local_clusters}, {global_clusters}"
+        )
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be >= 1 (or None for global // local), got {group_size}")
+    if rank_draws is not None and not 1 <= rank_draws <= features.shape[1]:
+        raise ValueError(
+            f"rank_draws must be in [1, N={features.shape[1]}] (or None for all), got {rank_draws}"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def dse(
+    features: Tensor,
+    *,
+    local_clusters: int = 3,
+    global_clusters: int = 24,
+    group_size: int | None = None,
+    normalize: bool = True,
+    rank_draws: int | None = None,
+    variant: Variant = "code",
+    seeding: Seeding = "d",
+    kmeans_iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> DSEResult:
+    """DSE of one batch of dense features, as the official ``estimator.compute_DSE``.
+
+    Args:
+        features: (B, N, D) patch tokens of B images (any float dtype; float64 inside).
+        local_clusters: k of the per-image k-means (README: 3).
+        global_clusters: k of the per-group k-means (README: 24).
+        group_size: images per group; default ``global_clusters // local_clusters`` (= 8).
+        normalize: L2-normalise every token first (README: on).
+        rank_draws: number of per-position draws for M_dim; default all N (reference).
+        variant: "code" (official code) or "paper" (equations as reported by secondary
+            summaries: no division by s, css / (n - 1), squared cluster-balanced inter,
+            un-normalised effective rank; unverified).
+        seeding: k-means++ weights "d" (distance, as the reference) or "d2" (standard, lightly).
+        kmeans_iters, tol: Lloyd iterations and early-stop threshold on the centroid shift.
+        seed: seed of the private generator (the global RNG is never touched).
+
+    Returns:
+        DSEResult with value = inter + dim - (intra_img + intra_batch) / 2.
+    """
+    return dse_over_batches(
+        [features],
+        local_clusters=local_clusters,
+        global_clusters=global_clusters,
+        group_size=group_size,
+        normalize=normalize,
+        rank_draws=rank_draws,
+        variant=variant,
+        seeding=seeding,
+        kmeans_iters=kmeans_iters,
+        tol=tol,
+        seed=seed,
+    )
+
+
+def dse_over_batches(
+    feature_batches: Iterable[Tensor],
+    *,
+    local_clusters: int = 3,
+    global_clusters: int = 24,
+    group_size: int | None = None,
+    normalize: bool = True,
+    rank_draws: int | None = None,
+    variant: Variant = "code",
+    seeding: Seeding = "d",
+    kmeans_iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> DSEResult:
+    """Mean of each DSE term over batches with equal weight (reference ``get_DSE.py``).
+
+    Options are those of :func:`dse`; one private generator seeded with ``seed`` serves all
+    batches, so the result is deterministic and the global RNG is never touched.
+    """
+    generator = None
+    totals: list[dict[str, Tensor]] = []
+    with torch.no_grad():
+        for features in feature_batches:
+            _check(features, variant, seeding, local_clusters, global_clusters, group_size, rank_draws)
+            if generator is None:
+                generator = torch.Generator(features.device).manual_seed(seed)
+            # k-means runs on float32 tokens, every term in float64 (spec section 1, numerics).
+            store = torch.promote_types(features.dtype, torch.float32)
+            totals.append(
+                _terms(
+                    features,
+                    _METRIC,
+                    work=torch.float64,
+                    store=store,
+                    normalize=normalize,
+                    local_clusters=local_clusters,
+                    global_clusters=global_clusters,
+                    group_size=group_size,
+                    variant=variant,
+                    seeding=seeding,
+                    kmeans_iters=kmeans_iters,
+                    tol=tol,
+                    rank_draws=rank_draws,
+                    generator=generator,
+                )
+            )
+    if not totals:
+        raise ValueError("dse_over_batches got no feature batches")
+    terms = {name: torch.stack([t[name] for t in totals]).mean() for name in totals[0]}
+    return DSEResult(value=_combine(**terms).item(), **{k: v.item() for k, v in terms.items()})
+
+
+def dse_regularizer(
+    features: Tensor,
+    *,
+    local_clusters: int = 3,
+    global_clusters: int = 24,
+    group_size: int | None = None,
+    normalize: bool = True,
+    variant: Variant = "code",
+    seeding: Seeding = "d",
+    kmeans_iters: int = 20,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Differentiable DSE, as the official ``DSERegularizer.compute_DSE_loss``.
+
+    Returns DSE itself (higher is better); the caller adds ``-beta * DSE`` to its loss
+    (paper: beta = 0.001). Gradients flow through the normalisation, s, the singular values
+    of css and er, and the distances to the (detached) centroids; k-means runs without
+    gradient. Differences from :func:`dse` follow DSE_regularizer.py: M_dim is the effective
+    rank of all B*N tokens over min(B*N, D), an empty cluster is re-initialised at a random
+    token, labels come from the final centroids, k shrinks when a group has fewer points,
+    1e-12 is added to s and to sum(sigma), and the defaults without terms are intra_img 0 and
+    intra_batch 1. Computed in the input dtype (float32 in training).
+
+    Args:
+        features: (B, N, D) tokens (with gradient).
+        generator: private RNG for k-means; default a fresh one seeded 0 per call (the
+            reference reseeds too, but the global RNG, so augmentations repeat).
+        Other options: see :func:`dse`.
+    """
+    _check(features, variant, seeding, local_clusters, global_clusters, group_size)
+    if generator is None:
+        generator = torch.Generator(features.device).manual_seed(0)
+    work = torch.promote_types(features.dtype, torch.float32)  # no half-precision svdvals
+    terms = _terms(
+        features,
+        _REGULARIZER,
+        work=work,
+        store=work,
+        normalize=normalize,
+        local_clusters=local_clusters,
+        global_clusters=global_clusters,
+        group_size=group_size,
+        variant=variant,
+        seeding=seeding,
+        kmeans_iters=kmeans_iters,
+        tol=tol,
+        rank_draws=None,
+        generator=generator,
+    )
+    return _combine(**terms)
+
+
+def lambda_normalized_dse(
+    results: Sequence[DSEResult] | None = None,
+    *,
+    inter: Sequence[float] | np.ndarray | None = None,
+    intra: Sequence[float] | np.ndarray | None = None,
+    dim: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Final DSE over the checkpoints of one run (README's std-normalisation step).
+
+    S_t = inter_t - intra_t with intra_t = (intra_img + intra_batch) / 2, D_t = dim_t,
+    lambda = std(S) / std(D), DSE_t = S_t + lambda * D_t. Pass either ``results`` (one
+    DSEResult per checkpoint, in order) or the three arrays ``inter``, ``intra``, ``dim``.
+    Values are comparable only within one run. If std(D) = 0 (a single checkpoint or a
+    constant M_dim), D cannot change the ranking: lambda falls back to 1 (the raw code
+    combination) with a warning.
+
+    Returns:
+        (T,) float64 array of final DSE values.
+    """
+    if results is not None:
+        if any(a is not None for a in (inter, intra, dim)):
+            raise ValueError("pass either results or inter/intra/dim arrays, not both")
+        inter = [r.inter for r in results]
+        intra = [(r.intra_img + r.intra_batch) / 2 for r in results]
+        dim = [r.dim for r in results]
+    elif inter is None or intra is None or dim is None:
+        raise ValueError("pass results (a sequence of DSEResult) or all of inter, intra and dim")
+    arrays = [np.asarray(a, dtype=np.float64) for a in (inter, intra, dim)]
+    if any(a.ndim != 1 for a in arrays) or len({len(a) for a in arrays}) != 1 or not len(arrays[0]):
+        raise ValueError(
+            "inter, intra and dim must be 1-D with one non-zero length (one value per checkpoint), "
+            f"got shapes {[a.shape for a in arrays]}"
+        )
+    separation, dimension = arrays[0] - arrays[1], arrays[2]
+    if not (np.isfinite(separation).all() and np.isfinite(dimension).all()):
+        raise ValueError("lambda_normalized_dse got non-finite terms")
+    std_dim = dimension.std()
+    if std_dim > 0:
+        lam = separation.std() / std_dim
+    else:
+        warnings.warn(
+            "lambda_normalized_dse: M_dim has zero spread over the checkpoints, so "
+            "lambda = std(S)/std(D) is undefined; using lambda = 1",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        lam = 1.0
+    return separation + lam * dimension
