@@ -1,5 +1,7 @@
 from densessl.methods.base import NonFiniteLossError, SSLMethod
 from densessl.methods.densecl import DenseCL
+from densessl.methods.ibot import IBOT
 from densessl.methods.neco import NeCo
+from densessl.methods.udi import UDI
 
-__all__ = ["NonFiniteLossError", "SSLMethod", "DenseCL", "NeCo"]
+__all__ = ["NonFiniteLossError", "SSLMethod", "DenseCL", "IBOT", "NeCo", "UDI"]

@@ -43,6 +43,15 @@ class ProjectionHead(nn.Module):
         return F.normalize(y, dim=-1) if self.normalize else y
 
 
+def prototype_layer(bottleneck_dim: int, out_dim: int, norm_last_layer: bool = True) -> nn.Module:
+    """DINO's last layer: weight-normed Linear without bias, gain 1 (frozen iff ``norm_last_layer``)."""
+    layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    layer.parametrizations.weight.original0.data.fill_(1.0)
+    if norm_last_layer:
+        layer.parametrizations.weight.original0.requires_grad = False
+    return layer
+
+
 class DINOHead(nn.Module):
     """DINO/iBOT head: MLP to a bottleneck, L2-normalise, weight-normed prototype layer.
 
@@ -54,12 +63,12 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm)
         _trunc_normal_init(self.mlp)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        if norm_last_layer:
-            self.last_layer.parametrizations.weight.original0.requires_grad = False
+        self.last_layer = prototype_layer(bottleneck_dim, out_dim, norm_last_layer)
+
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """(..., D) -> L2-normalised bottleneck features (..., bottleneck_dim), the prototypes' input."""
+        shape = x.shape
+        return F.normalize(self.mlp(x.reshape(-1, shape[-1])), dim=-1).reshape(*shape[:-1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        y = F.normalize(self.mlp(x.reshape(-1, shape[-1])), dim=-1)
-        return self.last_layer(y).reshape(*shape[:-1], -1)
+        return self.last_layer(self.bottleneck(x))
