@@ -48,3 +48,21 @@ def test_mlflow_local_store_reads_back(tmp_path):
     logger.finalize("success")
     run = mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(logger.run_id)
     assert run.data.params["seed"] == "3" and run.data.metrics["train/loss"] == 0.5
+
+
+def test_training_logs_to_csv_and_offline_neptune(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import ROOT, TINY_DATA, TINY_RUN
+
+    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache"), "NEPTUNE_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",
+           "+experiment=quickstart", *TINY_DATA, *TINY_RUN, "logger=[csv,neptune]", "++backbone.model_kwargs.depth=1",
+           "eval_before_after=false", "trainer.log_every_n_steps=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = _neptune_ops(tmp_path)  # offline runs land in ./.neptune of the working directory
+    assert any(o["path"][:2] == ["parameters", "method"] for o in ops)  # the resolved config
+    assert any(o["path"] == ["train", "loss"] for o in ops)
