@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from densessl.data import VOCSegmentation, ensure_synthetic_voc
+from conftest import TinyBackbone
 from densessl.evaluation.linear import LinearSegmentation, linear_logits, train_linear
 from densessl.evaluation.metrics import miou
 
@@ -88,26 +88,6 @@ def test_miou_and_loss_ignore_255():
         conf = module.confusion(val_tokens, val_masks, mask_size=GRID)
     assert conf.sum() == 16 * (GRID * GRID - GRID + 1)  # ignore pixels dropped
     assert conf.sum() - conf.trace() == 16  # the wrong pixel of each image is counted
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in backbone: a fixed random patch embedding (8 px patches)."""
-
-    patch_size, embed_dim = 8, 16
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(3, self.embed_dim, self.patch_size, self.patch_size)
-
-    def forward_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(images)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = ensure_synthetic_voc(tmp_path_factory.mktemp("voc") / "synthetic", n_train=8, n_val=4, size=64)
-    return VOCSegmentation(root, "train"), VOCSegmentation(root, "val")
 
 
 def test_train_linear_end_to_end_and_cache_parity(synthetic):

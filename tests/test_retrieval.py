@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from densessl.data import VOCSegmentation, ensure_synthetic_voc
+from conftest import TinyBackbone
 from densessl.evaluation.metrics import confusion_matrix
 from densessl.evaluation.retrieval import (
     ExactSearch,
@@ -155,26 +154,6 @@ def test_evaluate_memory_matches_a_naive_implementation():
     dist = dist.view(3, GRID, GRID, C).permute(0, 3, 1, 2)
     pred = F.interpolate(dist, size=(SIZE, SIZE), mode="bilinear").argmax(1)
     assert torch.equal(result.confusion, confusion_matrix(pred, masks, C, C))
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in backbone: a fixed random patch embedding (8 px patches)."""
-
-    patch_size, embed_dim = 8, 16
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(3, self.embed_dim, self.patch_size, self.patch_size)
-
-    def forward_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(images)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = ensure_synthetic_voc(tmp_path_factory.mktemp("voc") / "synthetic", n_train=8, n_val=4, size=64)
-    return VOCSegmentation(root, "train"), VOCSegmentation(root, "val")
 
 
 def test_transform_shapes_and_parity_std(synthetic):
