@@ -49,3 +49,12 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):
     proc = _train(tmp_path / "c", tmp_path / "cache", f"resume={bad}")
     assert proc.returncode == 2
     assert "bad.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_model_on_resume_is_a_clear_error(tmp_path):
+    cache = tmp_path / "cache"
+    first = _train(tmp_path / "a", cache, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _train(tmp_path / "b", cache, "method.head.out_dim=64", f"resume={tmp_path / 'a'}")
+    assert proc.returncode == 2
+    assert "does not match this model" in proc.stderr and "Traceback" not in proc.stderr

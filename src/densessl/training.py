@@ -58,17 +58,18 @@ def check_resume_checkpoint(path: str, model: L.LightningModule) -> None:
 
     others = sorted(str(p.name) for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        keys = set(state["state_dict"])
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        keys = set(state)
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}). It may be truncated "
                          f"(a job killed while writing it); resume from another checkpoint of that run: "
                          f"{others or 'none found'}") from err
-    own = set(model.state_dict())
-    if keys != own:
-        raise ValueError(f"checkpoint {path} does not match this model: missing {sorted(own - keys)[:5]}, "
-                         f"unexpected {sorted(keys - own)[:5]}. Resume with the same method/backbone config "
-                         f"as the run that wrote it (its config.yaml).")
+    own = model.state_dict()
+    shapes = sorted(k for k in keys & set(own) if state[k].shape != own[k].shape)
+    if keys != set(own) or shapes:
+        raise ValueError(f"checkpoint {path} does not match this model: missing {sorted(set(own) - keys)[:5]}, "
+                         f"unexpected {sorted(keys - set(own))[:5]}, other shapes {shapes[:5]}. Resume with the "
+                         f"same method/backbone config as the run that wrote it (its config.yaml).")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
