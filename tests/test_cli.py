@@ -120,3 +120,17 @@ def test_evaluation_of_a_training_run_folder(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "k7_miou_mean" in json.loads((tmp_path / "ev" / "overcluster.json").read_text())
+
+
+def test_multirun_writes_one_folder_per_run_and_a_summary(tmp_path):
+    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           "+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1",
+           "eval_before_after=false", "seed=0,1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert len(runs) == 2
+    lines = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
+    assert len(lines) == 3 and "final_train_loss" in lines[0] and "seed=1" in lines[2]
+    assert "sweep summary" in proc.stdout

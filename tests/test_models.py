@@ -126,3 +126,26 @@ def test_heads_shapes_and_normalisation():
     dino = DINOHead(32, out_dim=64, hidden_dim=16, bottleneck_dim=8)
     assert dino(torch.randn(3, 32)).shape == (3, 64)
     assert not dino.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_channels_last_resnet_gives_the_same_tokens():
+    torch.manual_seed(0)
+    a = Backbone("resnet50", model_kwargs=dict(layers=[1, 1, 1, 1])).eval()
+    b = Backbone("resnet50", model_kwargs=dict(layers=[1, 1, 1, 1]), channels_last=True).eval()
+    b.model.load_state_dict(a.model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(b.forward_patches(x)[0], a.forward_patches(x)[0], atol=1e-4, rtol=1e-4)
+    assert b.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_switch_keeps_state_dict_keys():
+    from densessl.methods import NeCo
+
+    kw = dict(backbone=dict(TINY), optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), queue_size=0)
+    eager, compiled = NeCo(**kw), NeCo(**kw, compile={"backend": "eager"})
+    compiled.configure_model()
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    assert compiled.student_backbone.model._compiled_call_impl is not None
+    x = torch.randn(2, 3, 32, 32)
+    compiled.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(compiled.student_backbone.forward_patches(x)[0], eager.student_backbone.forward_patches(x)[0])

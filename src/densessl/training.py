@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -117,6 +118,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     summary[f"picture_{when}"] = str(picture)
             for lg in loggers:
                 lg.save()
+
+    figures: dict[str, float] = {"train_seconds": summary["train_seconds"], "steps": float(trainer.global_step)}
+    loss = trainer.callback_metrics.get("train/loss")
+    if loss is not None:
+        figures["final_train_loss"] = float(loss)
+    for when in ("before", "after"):
+        if when in summary:
+            figures.update({f"overcluster_{when}_{k}": v for k, v in summary[when].as_dict().items() if "seed" not in k})
+    if trainer.is_global_zero:  # read by the multirun summary (densessl.sweep)
+        (run_dir / "summary.json").write_text(json.dumps(figures, indent=2))
 
     export = run_dir / "backbone.pth"
     if trainer.is_global_zero:

@@ -41,12 +41,14 @@ class SSLMethod(L.LightningModule):
         eval_on: which network evaluators and exports use ("teacher" or "student").
         student_drop_path: stochastic depth of the student only (the teacher always has none).
         crops: keyword arguments of :class:`MultiCropWithBoxes` (the CPU-side view sampler).
+        compile: ``torch.compile`` keyword arguments (e.g. ``{mode: max-autotune}``) to compile the
+            backbones in place before training; ``None`` (default) runs eagerly.
     """
 
     def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
                  color: dict[str, Any] | None = None, dse_regularizer: dict[str, Any] | None = None,
                  eval_on: str = "teacher", student_drop_path: float | None = None,
-                 crops: dict[str, Any] | None = None) -> None:
+                 crops: dict[str, Any] | None = None, compile: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         student_cfg = dict(backbone)
@@ -63,6 +65,7 @@ class SSLMethod(L.LightningModule):
         self.optim_cfg = dict(optim)
         self.color = ColorAugment(**(color or {}))
         self.crops_cfg = dict(crops or {})
+        self.compile_cfg = compile
         self.dse_cfg = dict(dse_regularizer or {})
         self.dse_weight = float(self.dse_cfg.pop("weight", 0.0))
         # Private generators (DSE k-means, reference sampling, ...) never touch the global RNG; they
@@ -70,6 +73,13 @@ class SSLMethod(L.LightningModule):
         self._generators: dict[str, torch.Generator] = {}
         self._pending_generator_states: dict[str, Tensor] = {}
         self._last_ema_step = -1
+
+    def configure_model(self) -> None:
+        # nn.Module.compile works in place, so state-dict keys (checkpoints, exports) do not change.
+        if self.compile_cfg is not None:
+            for net in (self.student_backbone, getattr(self, "teacher_backbone", None)):
+                if net is not None:
+                    net.model.compile(**self.compile_cfg)
 
     # ------------------------------------------------------------------ networks
     @property

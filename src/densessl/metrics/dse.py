@@ -510,12 +510,15 @@ def dse(
     """DSE of one batch of dense features, as the official ``estimator.compute_DSE``.
 
     Args:
-        features: (B, N, D) patch tokens of B images (any float dtype; float64 inside).
+        features: (B, N, D) patch tokens of B images, any float dtype. k-means runs on
+            float32 batch-centred tokens, every term in float64.
         local_clusters: k of the per-image k-means (README: 3).
         global_clusters: k of the per-group k-means (README: 24).
         group_size: images per group; default ``global_clusters // local_clusters`` (= 8).
         normalize: L2-normalise every token first (README: on).
         rank_draws: number of per-position draws for M_dim; default all N (reference).
+            Each draw costs one float64 eigen-solve of size min(B, D), the largest single
+            cost at B=1024; fewer draws trade M_dim noise for time.
         variant: "code" (official code) or "paper" (equations as reported by secondary
             summaries: no division by s, css / (n - 1), squared cluster-balanced inter,
             un-normalised effective rank; unverified).
