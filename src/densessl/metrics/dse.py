@@ -4,7 +4,7 @@ Re-implements the official metric (EldercatSAM/SSL-Degradation, ``estimator.py``
 regularizer (``DSE_regularizer.py``) of Dai et al., NeurIPS 2025 (arXiv 2510.17299); see
 ``/work/shared/specs/dse.md``. The reference loops over images, groups and clusters with a
 Python k-means; here all k-means problems of a kind run as one batched Lloyd iteration (over
-cache-sized chunks), and all singular-value work runs as batched LAPACK calls.
+chunks of ~32 MB), and all singular-value work runs as batched LAPACK calls.
 
 Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance terms divided by
 ``s`` = mean distance of a token to the batch-mean token):
@@ -46,9 +46,11 @@ __all__ = [
 Variant = Literal["code", "paper"]
 Seeding = Literal["d", "d2"]
 
-# k-means runs on chunks of problems small enough to stay in a 32 MB L3 cache: each Lloyd
-# step and each k-means++ draw is one memory-bound pass over the data, ~5x faster from cache.
-_CHUNK_BYTES = 8 * 2**20
+# Work is split into chunks of about this many bytes: small enough to bound the temporaries,
+# large enough that a (1024, 196, 384) batch takes only a few thousand torch calls. Each call
+# is an OpenMP region, and on a shared machine every region can wait a scheduler time slice
+# for its second thread (8 MB chunks: same single-thread time, 4x the calls, far slower there).
+_CHUNK_BYTES = 32 * 2**20
 # css gathers clusters into zero-padded batches; sizes are rounded up to this multiple so a
 # batch holds many clusters (zero rows add only zero singular values, so this is exact) while
 # the eigenvalue cost, ~n^3, grows by only ~10% for clusters of ~65 tokens.
@@ -303,7 +305,7 @@ def _clusters(
     rules: _Rules,
     generator: torch.Generator,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """k-means and (optionally) inter over cache-sized chunks of problems, then css.
+    """k-means and (optionally) inter over chunks of problems, then css.
 
     x: (P, M, D) -> (inter (P,) or None, css (P, k'), valid (P, k')), k' = k or fewer points.
     k-means runs without gradient; distances use the detached centroids (reference).
