@@ -117,6 +117,24 @@ def write_results(out_dir: Any, name: str, figures: dict[str, float], table: str
     print(f"\nresults: {out / f'{name}.json'} and {out / f'{name}.csv'}", flush=True)
 
 
+class _ImagesForDSE(Dataset):
+    """Items of ``dataset`` at ``indices`` -> (transformed image, 1x1 placeholder mask), the shape
+    ``extract_dense_features`` takes; DSE needs no labels."""
+
+    def __init__(self, dataset: Any, indices: list[int], transform: Any) -> None:
+        self.dataset, self.indices, self.transform = dataset, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        item = self.dataset[self.indices[i]]
+        image = item[0] if isinstance(item, tuple) else item
+        return self.transform(image.convert("RGB")), torch.zeros(1, 1, dtype=torch.int64)
+
+
 def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
                  batch_size: int = 64, seed: int = 0, device: Any = None) -> Any:
     """Frozen patch tokens (n, N, D) of ``num_images`` images drawn with ``seed`` from ``dataset``
@@ -130,22 +148,9 @@ def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_s
     tf = T.Compose([T.Resize(round(image_size * 8 / 7), interpolation=T.InterpolationMode.BICUBIC),
                     T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
-    device = device or next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    out = None
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                items = [dataset[i] for i in order[start:start + batch_size]]
-                images = torch.stack([tf((x[0] if isinstance(x, tuple) else x).convert("RGB")) for x in items])
-                tokens, _ = backbone.forward_patches(images.to(device))
-                if out is None:  # preallocated once: features never sit in memory twice
-                    out = torch.empty(len(order), *tokens.shape[1:], dtype=torch.float32)
-                out[start:start + len(items)] = tokens.float().cpu()
-    finally:
-        backbone.train(was_training)
-    return out
+    loader = DataLoader(_ImagesForDSE(dataset, order, tf), batch_size=batch_size, shuffle=False)
+    tokens = extract_dense_features(backbone, loader, device=device or next(backbone.parameters()).device).tokens
+    return tokens.flatten(1, 2)  # (n, h, w, D) -> (n, N, D)
 
 
 def evaluate_dse(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
