@@ -105,8 +105,7 @@ def test_evaluation_clis_write_figures(tmp_path, script, overrides, key):
     figures = json.loads((out / f"{script}.json").read_text())
     assert key in figures and 0.0 <= figures[key] <= 1.0
     assert (out / f"{script}.csv").exists() and "results:" in proc.stdout
-    if script == "overcluster":
-        assert (out / "overcluster.png").stat().st_size > 0
+    assert (out / f"{script}.png").stat().st_size > 0 and "pictures:" in proc.stdout  # image | truth | prediction
 
 
 def test_evaluation_of_a_training_run_folder(tmp_path):

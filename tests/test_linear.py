@@ -1,11 +1,15 @@
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from PIL import Image
+
 from conftest import TinyBackbone
+from densessl.data.datasets import SegTransform
 from densessl.evaluation.linear import LinearSegmentation, linear_logits, train_linear
 from densessl.evaluation.metrics import miou
 
@@ -101,9 +105,73 @@ def test_train_linear_end_to_end_and_cache_parity(synthetic):
     assert result.head.weight.shape == (7, 16, 1, 1)
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())  # state restored
     # Without augmentation, cached tokens and running the backbone per batch train the same head.
-    cached = train_linear(backbone, train, val, augment=False, cache_features=True, **common)
-    live = train_linear(backbone, train, val, augment=False, **common)
+    cached = train_linear(backbone, train, val, augment=False, cache_features=True, num_vis=2, **common)
+    live = train_linear(backbone, train, val, augment=False, num_vis=2, **common)
     torch.testing.assert_close(cached.head.weight, live.head.weight)
     assert cached.miou_full_res == live.miou_full_res and cached.val_history == live.val_history
+    # Pictures: the first 2 val images at the full-resolution metric's size, from either pipeline.
+    assert result.vis_predictions is None and result.vis_targets is None  # num_vis=0 keeps nothing
+    expected = torch.stack([SegTransform(64)(*val[i])[1] for i in range(2)]).to(torch.uint8)
+    assert torch.equal(cached.vis_targets, expected) and torch.equal(live.vis_targets, expected)
+    assert cached.vis_predictions.shape == (2, 64, 64) and cached.vis_predictions.dtype == torch.uint8
+    assert torch.equal(cached.vis_predictions, live.vis_predictions)
     with pytest.raises(ValueError, match="augment=False"):
         train_linear(backbone, train, val, cache_features=True, **common)
+
+
+PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]  # class c = one uniform colour
+
+
+class ColourScenes:
+    """Uniform 32 px images of colour ``PALETTE[c]``, c = (i + offset) % 4, masks of class (c + label_shift) % 4
+    with the top ``band`` rows ignore (255): a known answer for the linear probe and retrieval pictures."""
+
+    num_classes = 4
+
+    def __init__(self, n: int, offset: int = 0, band: int = 4, label_shift: int = 0, size: int = 32) -> None:
+        self.items = []
+        for i in range(n):
+            c = (i + offset) % 4
+            mask = np.full((size, size), (c + label_shift) % 4, np.uint8)
+            mask[:band] = 255
+            self.items.append((Image.new("RGB", (size, size), PALETTE[c]), Image.fromarray(mask)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class ColourBackbone(nn.Module):
+    """Patch tokens = the mean normalised colour of each 8 px patch: the four colours are linearly separable."""
+
+    patch_size, embed_dim = 8, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 3, 8, 8, bias=False)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            for ch in range(3):
+                self.proj.weight[ch, ch] = 1 / 64
+
+    def forward_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(images)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+
+
+def test_train_linear_keeps_the_predictions_of_the_first_val_images():
+    val = ColourScenes(5, offset=1)
+    # 4 kept images across two eval batches of 3; masks 32 px -> 48 px (the ignore band becomes 6 rows).
+    result = train_linear(ColourBackbone(), ColourScenes(8), val, image_size=48, epochs=10, batch_size=2, lr=0.1,
+                          augment=False, cache_features=True, train_mask_size=6, val_mask_size=6, eval_batch_size=3,
+                          num_vis=4)
+    assert result.miou_full_res == pytest.approx(1.0)
+    expected = torch.stack([SegTransform(48)(*val[i])[1] for i in range(4)]).to(torch.uint8)
+    assert result.vis_targets.dtype == torch.uint8 and torch.equal(result.vis_targets, expected)
+    assert (expected[:, :6] == 255).all() and (expected[:, 6:] != 255).all()
+    assert expected[:, -1, -1].tolist() == [1, 2, 3, 0]
+    keep = expected != 255
+    assert result.vis_predictions.shape == (4, 48, 48)
+    assert torch.equal(result.vis_predictions[keep], expected[keep])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TinyBackbone
+from test_linear import ColourBackbone, ColourScenes
 from densessl.evaluation.metrics import confusion_matrix
 from densessl.evaluation.retrieval import (
     ExactSearch,
@@ -178,6 +179,22 @@ def test_hummingbird_end_to_end(synthetic):
     assert {"memory_load_forward_s", "memory_build_s", "search_s", "val_load_forward_s"} <= set(result.timings)
     assert backbone.training  # mode restored
     assert torch.equal(hummingbird(backbone, train, val, **kwargs).confusion, result.confusion)  # seeded
+
+
+def test_hummingbird_keeps_matched_predictions_of_the_first_val_images():
+    # Memory labels shifted c -> c + 1: every raw prediction is wrong, the Hungarian matching (the reported
+    # figure) undoes the shift, and the kept pictures show the matched predictions.
+    train = ColourScenes(8, band=0, label_shift=1)  # memory masks without ignore (255 counts as class 0)
+    val = ColourScenes(5)
+    result = hummingbird(ColourBackbone(), train, val, image_size=48, k=3, batch_size=3, num_vis=4, num_threads=1)
+    assert result.miou == pytest.approx(1.0) and result.miou_unmatched == 0.0
+    expected = torch.stack([HummingbirdTransform(48, train=False)(*val[i])[1] for i in range(4)]).to(torch.uint8)
+    assert result.vis_targets.dtype == torch.uint8 and torch.equal(result.vis_targets, expected)
+    assert (expected[:, :6] == 255).all() and expected[:, -1, -1].tolist() == [0, 1, 2, 3]
+    keep = expected != 255
+    assert result.vis_predictions.shape == (4, 48, 48) and result.vis_predictions.dtype == torch.uint8
+    assert torch.equal(result.vis_predictions[keep], expected[keep])
+    assert hummingbird(ColourBackbone(), train, val, image_size=48, k=3, batch_size=3).vis_targets is None
 
 
 def test_gpu_search_without_faiss_gpu_is_a_clear_error():

@@ -75,7 +75,8 @@ def check_resume_checkpoint(path: str, model: L.LightningModule) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
-    from densessl.evaluation.pictures import log_picture, overcluster_panels
+    from densessl.callbacks import DenseEvalCallback
+    from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
 
     L.seed_everything(cfg.seed, workers=True)
@@ -107,10 +108,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if val is not None:
         summary["after"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
         if trainer.is_global_zero:
+            # The after panel also shows the final predictions of the evaluation callbacks (linear,
+            # retrieval) on the same val images: image | ground truth | overcluster | linear | retrieval.
+            final = [cb.last for cb in callbacks if isinstance(cb, DenseEvalCallback) and cb.last is not None]
             for when in ("before", "after"):
                 metrics = {f"overcluster_{when}/{k}": v for k, v in summary[when].as_dict().items()}
-                picture = overcluster_panels(summary[when], val, run_dir / "pictures" / f"overcluster_{when}.png",
-                                             title=f"{cfg.method.name} {when} training")
+                shown = [summary[when], *final] if when == "after" else summary[when]
+                picture = result_panels(shown, val, run_dir / "pictures" / f"overcluster_{when}.png",
+                                        title=f"{cfg.method.name} {when} training")
                 for lg in loggers:
                     lg.log_metrics(metrics, step=trainer.global_step)
                 if picture is not None:

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from densessl.data.datamodule import prepare_root
-from densessl.evaluation.pictures import overcluster_panels
+from densessl.evaluation.pictures import result_panels
 from densessl.evaluation.protocols import load_backbone, write_results
 
 
@@ -26,6 +26,7 @@ def run_evaluation(cfg: DictConfig, out_dir: Path) -> object:
     figures = result.as_dict()
     table = result.table() if hasattr(result, "table") else "\n".join(f"{k:<32} {v:.4f}" for k, v in figures.items())
     write_results(out_dir, cfg.eval.name, figures, table)
-    if getattr(result, "matched_maps", None):
-        print(f"pictures: {overcluster_panels(result, val, out_dir / f'{cfg.eval.name}.png')}")
+    picture = result_panels(result, val, out_dir / f"{cfg.eval.name}.png", title=cfg.eval.name)
+    if picture is not None:  # evaluators that kept pictures (options.num_vis > 0)
+        print(f"pictures: {picture}")
     return result

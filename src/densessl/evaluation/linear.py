@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -104,10 +104,15 @@ class LinearSegmentation(L.LightningModule):
         """Logits (B, C, *size)."""
         return linear_logits(self.head, self.tokens(x), size)
 
+    def predict(self, x: Tensor, masks: Tensor, mask_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """(predicted classes (B, S, S) int64, targets (B, S, S) uint8) of one batch at ``mask_size``
+        (None: the masks' own size)."""
+        target = masks.to(torch.uint8) if mask_size is None else resize_masks(masks.to(torch.uint8), mask_size)
+        return self(x, tuple(target.shape[-2:])).argmax(dim=1), target
+
     def confusion(self, x: Tensor, masks: Tensor, mask_size: int | None = None) -> Tensor:
         """(C, C) confusion (rows = predicted) of one batch, at ``mask_size`` (None: the masks' own size)."""
-        target = masks.to(torch.uint8) if mask_size is None else resize_masks(masks.to(torch.uint8), mask_size)
-        pred = self(x, tuple(target.shape[-2:])).argmax(dim=1)
+        pred, target = self.predict(x, masks, mask_size)
         c = self.hparams.num_classes
         return confusion_matrix(pred, target.long(), c, c, self.hparams.ignore_index)
 
@@ -145,7 +150,11 @@ class LinearResult:
     miou_full_res: final evaluation, logits upsampled to the full mask resolution (image_size).
     iou_full_res: (C,) per-class IoU of the final evaluation. val_history: per-epoch 100 px mIoU.
     head: the trained 1x1 conv (CPU). timings: seconds per stage.
+    vis_predictions / vis_targets: (m, S, S) uint8 predicted classes and ground truth (255 = ignore) of the
+    first m = ``num_vis`` val images at the resolution of ``miou_full_res`` (S = image_size), or None.
     """
+
+    vis_name: ClassVar[str] = "linear"  # column title in the PNG panels (densessl.evaluation.pictures)
 
     miou_train_time_val_100px: float
     miou_full_res: float
@@ -153,6 +162,8 @@ class LinearResult:
     val_history: list[float]
     head: nn.Conv2d
     timings: dict[str, float] = field(default_factory=dict)
+    vis_predictions: Tensor | None = None
+    vis_targets: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -197,6 +208,7 @@ def train_linear(
     amp: bool = False,
     seed: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
+    num_vis: int = 0,
 ) -> LinearResult:
     """Train a linear segmentation head on the frozen ``backbone`` and evaluate it (module docstring).
 
@@ -207,7 +219,8 @@ def train_linear(
     alone, far faster. The train loader keeps the last partial batch (the reference drops it).
     ``trainer_kwargs`` override the Lightning Trainer defaults (no logger, no checkpoints, no
     progress bar). The run is reproducible for a given ``seed``; torch's global RNG state, the
-    backbone's device, mode and requires_grad flags are restored afterwards.
+    backbone's device, mode and requires_grad flags are restored afterwards. ``num_vis`` keeps the
+    predictions and targets of the first val images of the final evaluation for pictures (no extra pass).
     """
     if cache_features and augment:
         raise ValueError(
@@ -265,9 +278,17 @@ def train_linear(
             start = time.perf_counter()
             module.to(device).eval()
             conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+            vis_pred: list[Tensor] = []
+            vis_gt: list[Tensor] = []
+            kept = 0
             with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp):
                 for x, masks in val_loader:
-                    conf += module.confusion(x.to(device), masks.to(device)).cpu()
+                    pred, target = module.predict(x.to(device), masks.to(device))
+                    conf += confusion_matrix(pred, target.long(), num_classes, num_classes, ignore_index).cpu()
+                    if kept < num_vis:
+                        vis_pred.append(pred[: num_vis - kept].to(torch.uint8).cpu())
+                        vis_gt.append(target[: num_vis - kept].cpu())
+                        kept += len(vis_pred[-1])
             timings["eval_full_res_s"] = time.perf_counter() - start
     finally:
         # Lightning's teardown moves the whole module (backbone included) to the CPU.
@@ -282,4 +303,6 @@ def train_linear(
         val_history=list(history),
         head=module.head.cpu(),
         timings=timings,
+        vis_predictions=torch.cat(vis_pred) if vis_pred else None,
+        vis_targets=torch.cat(vis_gt) if vis_gt else None,
     )

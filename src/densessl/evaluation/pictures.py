@@ -49,13 +49,36 @@ def first_images(dataset: Any, count: int, size: int) -> list[np.ndarray]:
     return [np.asarray(dataset[i][0].convert("RGB").resize((size, size), Image.BILINEAR)) for i in range(count)]
 
 
-def overcluster_panels(result: Any, dataset: Any, path: str | Path, title: str = "") -> Path | None:
-    """Panels of the matched overclustering maps kept by ``overcluster(..., num_vis=m)``."""
-    if result.vis_targets is None or not result.matched_maps:
+def prediction_columns(result: Any) -> dict[str, Tensor]:
+    """The picture columns an evaluation result carries: name -> (m, S, S) label maps of its first m val
+    images. Overclustering (``matched_maps``): one "overcluster K=k" column per K; results with
+    ``vis_predictions`` (linear, retrieval): one column named by their ``vis_name``. Empty when the
+    evaluation kept no pictures (num_vis=0)."""
+    if getattr(result, "vis_targets", None) is None:
+        return {}
+    columns = {f"overcluster K={k}": maps for k, maps in (getattr(result, "matched_maps", None) or {}).items()}
+    if getattr(result, "vis_predictions", None) is not None:
+        columns[getattr(result, "vis_name", type(result).__name__)] = result.vis_predictions
+    return columns
+
+
+def result_panels(results: Any, dataset: Any, path: str | Path, title: str = "") -> Path | None:
+    """PNG panel of one evaluation result, or of several evaluated on the same val images (a list):
+    image | ground truth | the prediction columns of every result in order (e.g. overcluster K=..,
+    linear, retrieval). Rows are the first m images of ``dataset`` (m = the fewest kept by any result);
+    the ground truth is the first result's. Maps of different resolutions (overclustering at mask_size,
+    linear and retrieval at image_size) are drawn over the same square, so they line up. Returns None
+    when no result carries pictures."""
+    results = [r for r in (results if isinstance(results, (list, tuple)) else [results]) if prediction_columns(r)]
+    if not results:
         return None
-    m, size = result.vis_targets.shape[0], result.vis_targets.shape[-1]
-    columns = {"ground truth": result.vis_targets, **{f"overcluster K={k}": v for k, v in result.matched_maps.items()}}
-    return save_panels(path, first_images(dataset, m, size), columns, title)
+    targets = results[0].vis_targets
+    m = min(len(r.vis_targets) for r in results)
+    columns: dict[str, Tensor | np.ndarray] = {"ground truth": targets[:m]}
+    for result in results:
+        for name, maps in prediction_columns(result).items():
+            columns.setdefault(name, maps[:m])  # a column shown twice (same evaluator) keeps the first
+    return save_panels(path, first_images(dataset, m, targets.shape[-1]), columns, title)
 
 
 def log_picture(loggers: list[Any], key: str, path: Path, step: int) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import faiss
 import numpy as np
@@ -291,7 +291,11 @@ class RetrievalResult:
     miou: after Hungarian matching of predicted to true classes (reference figure).
     miou_unmatched: plain mIoU of the predicted classes.
     iou: (C,) per-class IoU after matching. confusion: (C, C) int64, rows = predicted, columns = true class.
+    vis_predictions / vis_targets: (m, S, S) uint8 predicted classes (after the matching) and ground truth
+    (255 = ignore) of the first m = ``num_vis`` val images at the metric's resolution (the masks' size), or None.
     """
+
+    vis_name: ClassVar[str] = "retrieval"  # column title in the PNG panels (densessl.evaluation.pictures)
 
     miou: float
     miou_unmatched: float
@@ -301,6 +305,8 @@ class RetrievalResult:
     memory_bytes: int
     num_val_images: int
     timings: dict[str, float] = field(default_factory=dict)
+    vis_predictions: Tensor | None = None
+    vis_targets: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -330,6 +336,7 @@ def evaluate_memory(
     gpu: bool = False,
     query_chunk: int = 4096,
     timings: dict[str, float] | None = None,
+    num_vis: int = 0,
 ) -> RetrievalResult:
     """Retrieval mIoU of ``(tokens (B, h, w, D), masks (B, H, W))`` validation batches against ``memory``.
 
@@ -337,6 +344,7 @@ def evaluate_memory(
     target is ``ignore_index`` are dropped (VOC 255; the reference uses 0 for raw ADE20K labels).
     Label transfer runs ``query_chunk`` queries at a time (a (chunk, k, C) float32 temporary), and the
     upsampled (C, H, W) maps a few images at a time, so memory use is independent of the set size.
+    ``num_vis`` keeps the (matched) predictions and the masks of the first images for pictures.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -350,6 +358,8 @@ def evaluate_memory(
     timings["index_s"] += time.perf_counter() - start
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     num_images = 0
+    vis_pred: list[Tensor] = []
+    vis_gt: list[Tensor] = []
     for tokens, masks in batches:
         b, h, w, dim = tokens.shape
         queries = F.normalize(tokens.reshape(-1, dim).float(), dim=1).cpu()
@@ -365,6 +375,10 @@ def evaluate_memory(
         for i in range(0, b, per_step):
             pred = F.interpolate(dist[i : i + per_step], size=size, mode="bilinear").argmax(dim=1)
             conf += confusion_matrix(pred, masks[i : i + per_step].long(), num_classes, num_classes, ignore_index)
+            kept = num_images + i
+            if kept < num_vis:
+                vis_pred.append(pred[: num_vis - kept].to(torch.uint8).cpu())
+                vis_gt.append(masks[i : i + per_step][: num_vis - kept].to(torch.uint8).cpu())
         timings["search_s"] += middle - start
         timings["label_transfer_s"] += end - middle
         timings["metric_s"] += time.perf_counter() - end
@@ -374,6 +388,7 @@ def evaluate_memory(
     timings["search_per_val_image_s"] = timings["search_s"] / num_images
     mapping = match_hungarian(conf)
     matched = apply_matching(conf, mapping, num_classes)
+    vis_predictions = mapping.to(torch.uint8)[torch.cat(vis_pred).long()] if vis_pred else None
     return RetrievalResult(
         miou=miou(matched),
         miou_unmatched=miou(conf),
@@ -383,6 +398,8 @@ def evaluate_memory(
         memory_bytes=memory.nbytes,
         num_val_images=num_images,
         timings=timings,
+        vis_predictions=vis_predictions,
+        vis_targets=torch.cat(vis_gt) if vis_gt else None,
     )
 
 
@@ -448,6 +465,7 @@ def hummingbird(
     seed: int = 0,
     num_threads: int | None = None,
     verbose: bool = False,
+    num_vis: int = 0,
 ) -> RetrievalResult:
     """Hummingbird dense NN retrieval mIoU of a frozen ``backbone`` (see the module docstring).
 
@@ -460,6 +478,7 @@ def hummingbird(
     state is restored afterwards. faiss uses ``num_threads`` threads (default: torch's setting).
     Timings (``result.timings``, s): *_load_forward_s = data loading + augmentation + backbone,
     memory_build_s = sampling and writing the memory, then search, label transfer and metric.
+    ``num_vis`` keeps the predictions and masks of the first val images (at image_size) for pictures.
     """
     if augmentation_epochs < 1 or k < 1 or batch_size < 1:
         raise ValueError(
@@ -496,7 +515,7 @@ def hummingbird(
             start = time.perf_counter()
             result = evaluate_memory(
                 memory, val_batches, num_classes=num_classes, k=k, temperature=temperature,
-                ignore_index=ignore_index, gpu=gpu, timings=timings,
+                ignore_index=ignore_index, gpu=gpu, timings=timings, num_vis=num_vis,
             )
             timings["evaluate_total_s"] = time.perf_counter() - start
     finally:
