@@ -15,6 +15,15 @@ from densessl.data.datasets import (  # noqa: E402
     read_image,
     read_mask,
 )
+from densessl.data.cityscapes import (  # noqa: E402
+    CITYSCAPES_CLASSES,
+    CityscapesSegmentation,
+)
+from densessl.data.coco import (  # noqa: E402
+    COCO_STUFF_CLASSES,
+    COCOStuffSegmentation,
+    coco_stuff_lut,
+)
 from densessl.data.synthetic import (  # noqa: E402
     SYNTHETIC_CLASSES,
     default_cache_dir,
@@ -26,6 +35,10 @@ from densessl.data.synthetic import (  # noqa: E402
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20KSegmentation",
+    "CITYSCAPES_CLASSES",
+    "COCOStuffSegmentation",
+    "COCO_STUFF_CLASSES",
+    "CityscapesSegmentation",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -34,6 +47,7 @@ __all__ = [
     "SegTransform",
     "VOCSegmentation",
     "VOC_CLASSES",
+    "coco_stuff_lut",
     "default_cache_dir",
     "ensure_synthetic_voc",
     "make_synthetic_voc",
