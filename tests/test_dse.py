@@ -206,6 +206,25 @@ def test_deterministic_and_global_rng_untouched():
     assert first.value == pytest.approx(other.value, abs=0.05)
 
 
+def test_same_value_on_one_or_two_worker_threads(monkeypatch):
+    """Chunks run on parallel workers with per-chunk generators: the thread count and the order
+    in which workers finish must not change the value; torch's thread count is restored."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("densessl.metrics.dse"), "_CHUNK_BYTES", 40_000)  # many chunks
+    x = _gaussian(11, (16, 49, 64))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = dse(x, seed=5)
+        torch.set_num_threads(2)
+        parallel = dse(x, seed=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert serial == parallel
+
+
 def test_options_rank_draws_seeding_paper_variant_and_partial_group():
     x = _gaussian(10, (12, 49, 64))  # 12 images: one group of 8 and one of 4
     base = dse(x)

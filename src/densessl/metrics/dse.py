@@ -3,8 +3,11 @@
 Re-implements the official metric (EldercatSAM/SSL-Degradation, ``estimator.py``) and
 regularizer (``DSE_regularizer.py``) of Dai et al., NeurIPS 2025 (arXiv 2510.17299); see
 ``/work/shared/specs/dse.md``. The reference loops over images, groups and clusters with a
-Python k-means; here all k-means problems of a kind run as one batched Lloyd iteration (over
-chunks of ~32 MB), and all singular-value work runs as batched LAPACK calls.
+Python k-means; here the k-means problems of a kind run as batched Lloyd iterations over
+cache-sized chunks, all singular-value work runs as batched LAPACK calls, and chunks are spread
+over one single-threaded worker per core. Where the time goes at (1024, 196, 384) on 2 cores
+(``benchmarks/bench_dse.py``): float64 Gram matrices and their eigenvalues for M_dim and css,
+which float32 cannot replace (``_singular_values``), then the k-means GEMMs.
 
 Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance terms divided by
 ``s`` = mean distance of a token to the batch-mean token):
@@ -24,9 +27,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -46,11 +50,12 @@ __all__ = [
 Variant = Literal["code", "paper"]
 Seeding = Literal["d", "d2"]
 
-# Work is split into chunks of about this many bytes: small enough to bound the temporaries,
-# large enough that a (1024, 196, 384) batch takes only a few thousand torch calls. Each call
-# is an OpenMP region, and on a shared machine every region can wait a scheduler time slice
-# for its second thread (8 MB chunks: same single-thread time, 4x the calls, far slower there).
-_CHUNK_BYTES = 32 * 2**20
+# Work is split into chunks of about this many bytes, processed by one single-threaded worker
+# per core (``_parallel_map``). A chunk stays in the 32 MB L3 cache shared by two workers while
+# k-means makes its ~45 passes over it: measured 39 GB/s per core from cache against 8 GB/s
+# from DRAM for 32 MB chunks. Single-threaded workers on independent chunks also avoid an
+# OpenMP fork/join per op, which on a shared machine can wait a scheduler slice each time.
+_CHUNK_BYTES = 8 * 2**20
 # css gathers clusters into zero-padded batches; sizes are rounded up to this multiple so a
 # batch holds many clusters (zero rows add only zero singular values, so this is exact) while
 # the eigenvalue cost, ~n^3, grows by only ~10% for clusters of ~65 tokens.
@@ -58,6 +63,46 @@ _PAD_MULTIPLE = 4
 # Relative spread s / rms token norm below which the features count as collapsed.
 _COLLAPSE_RATIO = 1e-4
 _P_EPS = 1e-12  # added to every p_i in the effective rank (reference)
+# Seeding distances below this fraction of |x|^2 + |c|^2 count as 0 (the point sits on a chosen
+# centroid): the matrix form leaves ~sqrt(D) * eps32 there, enough weight to pick a duplicate of
+# a centroid on well-separated data. Points within ~0.5% of a centroid's norm lose their
+# (already ~0.5%) weight, a negligible change to the seeding distribution.
+_SEED_ZERO = 1e-5
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _parallel_map(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> list[R]:
+    """``[fn(i) for i in items]``, on one Python thread per torch thread for CPU work without autograd.
+
+    Each worker runs single-threaded torch ops on its own chunk (torch releases the GIL inside
+    ops); torch's thread count is restored afterwards. With autograd (the regularizer), on GPU
+    or with one thread, items run in order on the calling thread. Results keep item order, and
+    every random draw comes from a per-item generator, so the output does not depend on timing.
+    """
+    items = list(items)
+    threads = torch.get_num_threads()
+    if threads == 1 or len(items) < 2 or device.type != "cpu" or torch.is_grad_enabled():
+        return [fn(i) for i in items]
+
+    def run(item: T) -> R:
+        with torch.no_grad():  # grad mode is per thread
+            return fn(item)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
+    """``count`` generators seeded from ``generator``: one per work item, so parallel items draw
+    the same numbers whatever order they run in."""
+    seeds = torch.randint(2**62, (count,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(generator.device).manual_seed(s) for s in seeds]
 
 
 @dataclass(frozen=True)
@@ -207,23 +252,30 @@ def _seed(x: Tensor, k: int, seeding: Seeding, generator: torch.Generator) -> Te
     """k-means++ seeding per problem. x: (P, M, D) -> initial centroids (P, k, D).
 
     First centroid uniform, each next one drawn with weight D (reference) or D^2 (standard),
-    D = distance to the nearest chosen centroid.
+    D = distance to the nearest chosen centroid. Distances to a new centroid are one
+    matrix-vector product per problem (a batched matmul of this shape is ~2x slower on CPU).
     """
-    batch = torch.arange(x.shape[0], device=x.device)
-    first = torch.randint(x.shape[1], (x.shape[0],), generator=generator, device=x.device)
-    centroids = x[batch, first][:, None]
-    # Direct differences: duplicates of a chosen token get weight exactly 0 (the matrix form
-    # leaves ~1e-4 after the square root, enough to pick a duplicate on well-separated data).
-    min_d = torch.linalg.vector_norm(x - centroids, dim=-1)
+    P, M, _ = x.shape
+    batch = torch.arange(P, device=x.device)
+    x_sq = x.square().sum(-1)  # (P, M)
+
+    def sq_dist(c: Tensor) -> Tensor:  # (P, D) -> (P, M)
+        dots = torch.stack([torch.mv(a, b) for a, b in zip(x, c)])
+        total = x_sq + c.square().sum(-1, keepdim=True)
+        d2 = total - 2 * dots
+        return torch.where(d2 > _SEED_ZERO * total, d2, torch.zeros_like(d2))
+
+    first = torch.randint(M, (P,), generator=generator, device=x.device)
+    chosen = [x[batch, first]]
+    min_d2 = sq_dist(chosen[0])
     for _ in range(k - 1):
-        weight = min_d.square() if seeding == "d2" else min_d
+        weight = min_d2 if seeding == "d2" else min_d2.sqrt()
         # All points on the chosen centroids: draw uniformly (as DSE_regularizer.py).
         weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
         pick = torch.multinomial(weight, 1, generator=generator).squeeze(1)
-        new = x[batch, pick][:, None]
-        centroids = torch.cat([centroids, new], 1)
-        min_d = torch.minimum(min_d, torch.linalg.vector_norm(x - new, dim=-1))
-    return centroids
+        chosen.append(x[batch, pick])
+        min_d2 = torch.minimum(min_d2, sq_dist(chosen[-1]))
+    return torch.stack(chosen, 1)
 
 
 def _lloyd(
@@ -305,7 +357,7 @@ def _clusters(
     rules: _Rules,
     generator: torch.Generator,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """k-means and (optionally) inter over chunks of problems, then css.
+    """k-means, (optionally) inter and css per chunk of problems, chunks in parallel.
 
     x: (P, M, D) -> (inter (P,) or None, css (P, k'), valid (P, k')), k' = k or fewer points.
     k-means runs without gradient; distances use the detached centroids (reference).
@@ -319,18 +371,21 @@ def _clusters(
             )
         k = M
     step = max(1, _CHUNK_BYTES // (M * D * x.element_size()))
-    inter, labels = [], []
-    for chunk in x.split(step):
+    chunks = x.split(step)
+
+    def run(item: tuple[Tensor, torch.Generator]) -> tuple[Tensor | None, Tensor, Tensor]:
+        chunk, gen = item
         with torch.no_grad():
-            centroids = _seed(chunk, k, seeding, generator)
-            centroids, chunk_labels = _lloyd(
-                chunk, centroids, iters=iters, tol=tol, rules=rules, generator=generator
-            )
-        if with_inter:
-            inter.append(_inter(chunk.to(work), centroids.to(work), chunk_labels, variant))
-        labels.append(chunk_labels)
-    css, valid = _cluster_css(x, torch.cat(labels), k, variant, work)
-    return (torch.cat(inter) if with_inter else None), css, valid
+            centroids = _seed(chunk, k, seeding, gen)
+            centroids, labels = _lloyd(chunk, centroids, iters=iters, tol=tol, rules=rules, generator=gen)
+        # in the k-means dtype: distances between batch-centred tokens and centroids of size ~s carry
+        # a relative error ~eps, so float64 (a 2x slower GEMM) would add nothing
+        inter = _inter(chunk, centroids, labels, variant).to(work) if with_inter else None
+        return (inter, *_cluster_css(chunk, labels, k, variant, work))
+
+    out = _parallel_map(run, zip(chunks, _generators(generator, len(chunks))), x.device)
+    inter = torch.cat([o[0] for o in out]) if with_inter else None
+    return inter, torch.cat([o[1] for o in out]), torch.cat([o[2] for o in out])
 
 
 def _centre(
@@ -343,19 +398,19 @@ def _centre(
     """
     B, N, D = features.shape
     chunks = features.split(max(1, _CHUNK_BYTES // (N * D * 8)))
-    # 1 / max(|f|, 1e-12) per token, as F.normalize
-    scales = [
-        torch.linalg.vector_norm(f, dim=-1, dtype=work).clamp_min(1e-12).reciprocal()[..., None]
-        if normalize
-        else 1.0
-        for f in chunks
-    ]
-    mean = sum((f.to(work) * scale).sum((0, 1)) for f, scale in zip(chunks, scales)) / (B * N)
-    ys, norms = [], []
-    for f, scale in zip(chunks, scales):
-        y = f.to(work) * scale - mean
-        norms.append(torch.linalg.vector_norm(y, dim=-1))
-        ys.append(y.to(store))
+
+    def scaled(f: Tensor) -> Tensor:  # as F.normalize: f / max(|f|, 1e-12), in work
+        if not normalize:
+            return f.to(work)
+        return f.to(work) / torch.linalg.vector_norm(f, dim=-1, dtype=work).clamp_min(1e-12)[..., None]
+
+    mean = sum(_parallel_map(lambda f: scaled(f).sum((0, 1)), chunks, features.device)) / (B * N)
+
+    def centre(f: Tensor) -> tuple[Tensor, Tensor]:
+        y = scaled(f) - mean
+        return y.to(store), torch.linalg.vector_norm(y, dim=-1)
+
+    ys, norms = zip(*_parallel_map(centre, chunks, features.device))
     return torch.cat(ys), mean, torch.cat(norms)
 
 
@@ -445,12 +500,12 @@ def _terms(
     else:
         # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
         perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : rank_draws or N]
-        rows = torch.arange(B, device=y.device)[:, None]
-        step = max(1, _CHUNK_BYTES // (B * D * 8))
-        ers = [
-            _er((y[rows, perm[:, i : i + step]].to(work) + mean).transpose(0, 1), normalise=normalise_er)
-            for i in range(0, perm.shape[1], step)
-        ]
+        rows = torch.arange(B, device=y.device)
+        ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
+            lambda draws: _er(y[rows, draws].to(work) + mean, normalise=normalise_er),
+            perm.mT.split(max(1, _CHUNK_BYTES // (B * D * 8))),
+            y.device,
+        )
         dim = torch.cat(ers).mean()
 
     return {"inter": inter, "intra_img": intra_img, "intra_batch": intra_batch, "dim": dim}
