@@ -12,6 +12,7 @@ from densessl.evaluation.metrics import confusion_matrix
 from densessl.evaluation.retrieval import (
     ExactSearch,
     HummingbirdTransform,
+    IVFSearch,
     Memory,
     build_memory,
     evaluate_memory,
@@ -108,6 +109,29 @@ def test_exact_search_matches_index_flat_ip_and_fp16_blocks():
     assert torch.equal(rows16, brute_rows) and torch.allclose(sims16, brute_sims, atol=1e-6)
     with pytest.raises(ValueError, match="k=501"):
         ExactSearch(memory).search(queries, 501)
+
+
+def test_ivf_search_visiting_every_list_is_exact_and_few_lists_trade_recall():
+    gen = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(2000, 16, generator=gen), dim=1)
+    queries = F.normalize(torch.randn(50, 16, generator=gen), dim=1)
+    exact_sims, exact_rows = ExactSearch(memory).search(queries, 10)
+    sims, rows = IVFSearch(memory, nlist=8, nprobe=8).search(queries, 10)  # every list visited
+    assert torch.equal(rows, exact_rows) and torch.allclose(sims, exact_sims, atol=1e-5)
+    _, rows1 = IVFSearch(memory, nlist=8, nprobe=1).search(queries, 10)  # one list of ~250 rows
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows1.tolist(), exact_rows.tolist())])
+    assert 0.2 < recall < 1.0  # approximate, not broken (random 16-d data spreads neighbours over lists)
+
+
+def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_errors():
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).half()
+    sims = torch.tensor([[0.9, np.float32(-3.4028235e38)]])  # faiss fills a missing neighbour with row -1
+    dist = transfer_labels(sims, torch.tensor([[0, -1]]), labels)
+    assert torch.equal(dist, torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="at least 39 \\* nlist = 312 rows"):
+        IVFSearch(torch.randn(100, 4), nlist=8)
+    with pytest.raises(ValueError, match="search must be 'exact' or 'ivf'"):
+        hummingbird(None, [], [], search="hnsw")
 
 
 def test_build_memory_bounded_sizes_and_labels():

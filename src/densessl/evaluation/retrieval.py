@@ -8,8 +8,10 @@ Protocol of open-hummingbird-eval v2.0.0 (hbird/hbird_eval.py, hbird/utils/trans
    A bounded memory keeps ``memory_size // (images * augmentation_epochs)`` patches per image,
    preferring patches that hold classes rare in that image (:func:`sample_patches`).
 2. Retrieval: each validation patch token takes its ``k`` = 30 nearest memory rows by inner product
-   (exact search, faiss), and its label distribution is the softmax(cos / 0.02)-weighted mean of
-   their soft labels.
+   (``search="exact"``: faiss flat search, as the reference's faiss backend; ``search="ivf"``: faiss
+   IVF with 512 lists of which 32 are visited, the setting of the reference's default approximate
+   ScaNN backend), and its label distribution is the softmax(cos / 0.02)-weighted mean of their
+   soft labels.
 3. Prediction: the (h, w, C) distributions are bilinearly upsampled to the input size and argmaxed;
    one confusion matrix over the whole validation set gives the mIoU after Hungarian matching of
    predicted to true classes (the reference matches even though K = C; ``miou_unmatched`` is the
@@ -274,6 +276,59 @@ class ExactSearch:
         return best_sims, best_rows
 
 
+class IVFSearch:
+    """Approximate maximum-inner-product search: faiss ``IndexIVFFlat`` with ``nlist`` lists, ``nprobe``
+    of them visited per query.
+
+    The counterpart of the reference's default backend, ScaNN with 512 leaves of which 32 are searched
+    (hbird/nn/search_scann.py; ScaNN also quantises and re-scores the best 120, IVF-Flat scores the
+    visited lists exactly). The lists come from k-means on at most ``256 * nlist`` memory rows drawn
+    with ``seed`` (faiss's own sample size). Unlike :class:`ExactSearch` the index holds a float32 copy
+    of the memory. gpu=True moves the index to GPU 0 (faiss with GPU support).
+    """
+
+    def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, gpu: bool = False,
+                 block_rows: int = 1 << 20, seed: int = 0) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"features must be (M, D), got {tuple(features.shape)}")
+        if not 1 <= nprobe <= nlist or len(features) < 39 * nlist:
+            raise ValueError(
+                f"search=ivf with nlist={nlist}, nprobe={nprobe} needs 1 <= nprobe <= nlist and a memory of at "
+                f"least 39 * nlist = {39 * nlist} rows (faiss k-means), got {len(features)}; lower nlist or use "
+                "search=exact"
+            )
+        _check_gpu(gpu)
+        dim = features.shape[1]
+        self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
+        index = faiss.IndexIVFFlat(self._quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        sample = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[: 256 * nlist]
+        index.train(features[sample.sort().values].float().numpy())
+        for block in features.split(block_rows):
+            index.add(block.float().contiguous().numpy())
+        index.nprobe = nprobe
+        if gpu:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+        self.index = index
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """queries (Q, D) -> (similarities (Q, k), memory rows (Q, k)), best first. When the visited lists
+        hold fewer than k rows, the missing entries are row -1 with similarity -3.4e38 (weight 0)."""
+        sims, rows = self.index.search(queries.float().contiguous().numpy(), k)
+        return torch.from_numpy(sims), torch.from_numpy(rows)
+
+
+def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, nlist: int = 512,
+                nprobe: int = 32, seed: int = 0) -> ExactSearch | IVFSearch:
+    """The memory's searcher: ``search="exact"`` (:class:`ExactSearch`) or ``"ivf"`` (:class:`IVFSearch`)."""
+    if search == "exact":
+        return ExactSearch(features, gpu=gpu)
+    if search == "ivf":
+        return IVFSearch(features, nlist=nlist, nprobe=nprobe, gpu=gpu, seed=seed)
+    raise ValueError(f"search must be 'exact' or 'ivf', got {search!r}")
+
+
 def transfer_labels(sims: Tensor, rows: Tensor, labels: Tensor, temperature: float = 0.02) -> Tensor:
     """Label transfer: sims (Q, k) cosine similarities, rows (Q, k) memory rows, labels (M, C) -> (Q, C).
 
@@ -281,7 +336,8 @@ def transfer_labels(sims: Tensor, rows: Tensor, labels: Tensor, temperature: flo
     ``cross_attention``).
     """
     weights = torch.softmax(sims.float() / temperature, dim=1)
-    return torch.bmm(weights.unsqueeze(1), labels[rows].float()).squeeze(1)
+    # row -1 = no neighbour found (approximate search); its similarity gives it weight 0
+    return torch.bmm(weights.unsqueeze(1), labels[rows.clamp_min(0)].float()).squeeze(1)
 
 
 @dataclass
@@ -334,6 +390,9 @@ def evaluate_memory(
     temperature: float = 0.02,
     ignore_index: int | None = 255,
     gpu: bool = False,
+    search: str = "exact",
+    nlist: int = 512,
+    nprobe: int = 32,
     query_chunk: int = 4096,
     timings: dict[str, float] | None = None,
     num_vis: int = 0,
@@ -345,6 +404,7 @@ def evaluate_memory(
     Label transfer runs ``query_chunk`` queries at a time (a (chunk, k, C) float32 temporary), and the
     upsampled (C, H, W) maps a few images at a time, so memory use is independent of the set size.
     ``num_vis`` keeps the (matched) predictions and the masks of the first images for pictures.
+    ``search``, ``nlist``, ``nprobe``: see :func:`make_search`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -354,7 +414,7 @@ def evaluate_memory(
     for key in ("index_s", "search_s", "label_transfer_s", "metric_s"):
         timings.setdefault(key, 0.0)
     start = time.perf_counter()
-    searcher = ExactSearch(memory.features, gpu=gpu)
+    searcher = make_search(memory.features, search, gpu=gpu, nlist=nlist, nprobe=nprobe)
     timings["index_s"] += time.perf_counter() - start
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     num_images = 0
@@ -459,6 +519,9 @@ def hummingbird(
     device: str | torch.device | None = None,
     amp: bool = False,
     gpu: bool = False,
+    search: str = "exact",
+    nlist: int = 512,
+    nprobe: int = 32,
     feature_dtype: torch.dtype = torch.float32,
     ignore_index: int | None = 255,
     std: Sequence[float] = HBIRD_STD,
@@ -474,6 +537,7 @@ def hummingbird(
     memory_size 1024 * 10**2 .. 10**4, augmentation_epochs 2. ADE20K parity: raw labels
     (``ADE20KSegmentation(..., reduce_zero_label=False)``, 151 classes) and ignore_index=0.
     ``gpu`` selects the faiss GPU index; ``device`` runs the backbone (default: where its weights are).
+    ``search="exact"`` (default) or ``"ivf"`` (approximate, ``nlist``/``nprobe``; :func:`make_search`).
     The run is reproducible for a given ``seed`` (augmentations, patch sampling); torch's global RNG
     state is restored afterwards. faiss uses ``num_threads`` threads (default: torch's setting).
     Timings (``result.timings``, s): *_load_forward_s = data loading + augmentation + backbone,
@@ -484,6 +548,8 @@ def hummingbird(
         raise ValueError(
             f"augmentation_epochs, k and batch_size must be >= 1 (got {augmentation_epochs}, {k}, {batch_size})"
         )
+    if search not in ("exact", "ivf"):  # checked before the memory is built, not after
+        raise ValueError(f"search must be 'exact' or 'ivf', got {search!r}")
     num_classes = num_classes or _num_classes(train_dataset)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
 
@@ -515,7 +581,8 @@ def hummingbird(
             start = time.perf_counter()
             result = evaluate_memory(
                 memory, val_batches, num_classes=num_classes, k=k, temperature=temperature,
-                ignore_index=ignore_index, gpu=gpu, timings=timings, num_vis=num_vis,
+                ignore_index=ignore_index, gpu=gpu, search=search, nlist=nlist, nprobe=nprobe, timings=timings,
+                num_vis=num_vis,
             )
             timings["evaluate_total_s"] = time.perf_counter() - start
     finally:
