@@ -125,7 +125,7 @@ def test_ivf_search_visiting_every_list_is_exact_and_few_lists_trade_recall():
 
 def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_errors():
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).half()
-    sims = torch.tensor([[0.9, np.float32(-3.4028235e38)]])  # faiss fills a missing neighbour with row -1
+    sims = torch.tensor([[0.9, -math.inf]])  # IVFSearch: a missing neighbour is row -1, similarity -inf
     dist = transfer_labels(sims, torch.tensor([[0, -1]]), labels)
     assert torch.equal(dist, torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="at least 39 \\* nlist = 312 rows"):
