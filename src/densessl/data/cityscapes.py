@@ -67,13 +67,7 @@ class CityscapesSegmentation(_SegmentationDataset):
             raise ValueError(f"CityscapesSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
         name, tree, example = f"CityscapesSegmentation({split!r})", _CITYSCAPES_TREE, "cityscapes"
-        _check_root(self.root, name, tree, config_key, example)
-        inner = self.root / "cityscapes"
-        if not (self.root / "leftImg8bit").is_dir() and (inner / "leftImg8bit").is_dir():
-            raise _layout_error(
-                name, f"{self.root} is not the cityscapes folder", tree, config_key, example,
-                hint=f"it contains the dataset one level down: set {config_key}={inner}",
-            )
+        _check_root(self.root, name, tree, config_key, example, "leftImg8bit", ("cityscapes",))
         image_dir, mask_dir = self.root / "leftImg8bit" / split, self.root / "gtFine" / split
         _check_dir(image_dir, name, tree, config_key, example, hint="unzip leftImg8bit_trainvaltest.zip here")
         _check_dir(mask_dir, name, tree, config_key, example, hint="unzip gtFine_trainvaltest.zip here")

@@ -133,9 +133,19 @@ def _check_dir(path: Path, dataset: str, tree: str, key: str, example: str, hint
         raise _layout_error(dataset, f"missing folder {path}", tree, key, example, hint)
 
 
-def _check_root(root: Path, dataset: str, tree: str, key: str, example: str) -> None:
+def _check_root(root: Path, dataset: str, tree: str, key: str, example: str, marker: str | None = None,
+                inner: Sequence[str] = ()) -> None:
+    """``root`` must be a folder. If it lacks the ``marker`` folder but one of the ``inner`` subfolders
+    has it (a download unpacked one level too high), the error names that subfolder."""
     if not root.is_dir():
         raise _layout_error(dataset, f"dataset root {root} does not exist or is not a folder", tree, key, example)
+    if marker is not None and not (root / marker).is_dir():
+        for sub in inner:
+            if (root / sub / marker).is_dir():
+                raise _layout_error(
+                    dataset, f"{root} is not the {Path(sub).name} folder", tree, key, example,
+                    hint=f"it contains the dataset one level down: set {key}={root / sub}",
+                )
 
 
 def _check_listed_files(
@@ -242,14 +252,7 @@ class VOCSegmentation(_SegmentationDataset):
             raise ValueError(f"VOCSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
         name, tree, example = f"VOCSegmentation({split!r})", _VOC_TREE, "VOCdevkit/VOC2012"
-        _check_root(self.root, name, tree, config_key, example)
-        if not (self.root / "JPEGImages").is_dir():
-            for inner in (self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012"):
-                if (inner / "JPEGImages").is_dir():
-                    raise _layout_error(
-                        name, f"{self.root} is not the VOC2012 folder", tree, config_key, example,
-                        hint=f"it contains the dataset one level down: set {config_key}={inner}",
-                    )
+        _check_root(self.root, name, tree, config_key, example, "JPEGImages", ("VOC2012", "VOCdevkit/VOC2012"))
         _check_dir(self.root / "JPEGImages", name, tree, config_key, example)
         mask_dir = self.root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
         _check_dir(
@@ -314,13 +317,7 @@ class ADE20KSegmentation(_SegmentationDataset):
         self.root, self.split = Path(root).expanduser(), split
         self.reduce_zero_label = reduce_zero_label
         name, tree, example = f"ADE20KSegmentation({split!r})", _ADE_TREE, "ADEChallengeData2016"
-        _check_root(self.root, name, tree, config_key, example)
-        inner = self.root / "ADEChallengeData2016"
-        if not (self.root / "images").is_dir() and (inner / "images").is_dir():
-            raise _layout_error(
-                name, f"{self.root} is not the ADEChallengeData2016 folder", tree, config_key, example,
-                hint=f"it contains the dataset one level down: set {config_key}={inner}",
-            )
+        _check_root(self.root, name, tree, config_key, example, "images", ("ADEChallengeData2016",))
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
         _check_dir(image_dir, name, tree, config_key, example)
         _check_dir(mask_dir, name, tree, config_key, example)
