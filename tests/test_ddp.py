@@ -12,6 +12,7 @@ from test_cli import ROOT, TINY_DATA
 
 @pytest.mark.parametrize("method,extra", [
     ("neco", ["+experiment=quickstart", "method.queue_size=32"]),
+    ("neco_fg", ["+experiment=quickstart", "method.queue_size=32", "method.loss_mask=fg"]),  # uneven pushes
     ("densecl", ["+experiment=densecl_quickstart", "method.queue_size=32"]),
     ("ibot", ["+experiment=ibot_quickstart", "method.decoupling=true"]),
     ("udi", ["+experiment=udi_quickstart"]),

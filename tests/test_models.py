@@ -149,3 +149,45 @@ def test_compile_switch_keeps_state_dict_keys():
     x = torch.randn(2, 3, 32, 32)
     compiled.load_state_dict(eager.state_dict())
     torch.testing.assert_close(compiled.student_backbone.forward_patches(x)[0], eager.student_backbone.forward_patches(x)[0])
+
+
+def test_cls_attention_equals_the_blocks_own_softmax():
+    backbone = Backbone(**TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = backbone.forward_features(x, cls_attention=True)
+    attn = backbone.model.blocks[-1].attn
+    attn.fused_attn = False  # timm's explicit path materialises softmax(q k^T) for attn_drop
+    seen = []
+    hook = attn.attn_drop.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    backbone.forward_features(x)
+    hook.remove()
+    expected = seen[0][:, :, 0, backbone.num_prefix_tokens:]  # CLS row, patch columns
+    assert out["cls_attention"].shape == (2, 2, 16)
+    torch.testing.assert_close(out["cls_attention"], expected)
+    with pytest.raises(ValueError, match="CLS token"):
+        Backbone("resnet50").forward_features(torch.randn(1, 3, 64, 64), cls_attention=True)
+
+
+@pytest.mark.parametrize("loss_mask", ["fg", "bg"])
+def test_neco_fg_bg_variant_masks_queries_queue_and_loss(loss_mask):
+    from densessl.methods import NeCo
+    from densessl.transforms import MultiCropWithBoxes, collate_multicrop
+    from PIL import Image
+
+    torch.manual_seed(0)
+    method = NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), roi_size=3,
+                  queue_size=256, queue_push=64, loss_mask=loss_mask)
+    crops = MultiCropWithBoxes(global_size=64, local_size=32, n_global=2, n_local=2)
+    image = Image.fromarray((torch.rand(96, 96, 3) * 255).byte().numpy())
+    batch = collate_multicrop([crops(image) for _ in range(2)])
+    batch["crops"] = [method.color(c) for c in batch["crops"]]  # uint8 -> normalised float, as in training
+    views = method.forward_views(batch)
+    masks, query_mask = views["token_masks"], views["query_mask"]
+    assert len(masks) == 2 and masks[0].shape == (2, 64) and query_mask.shape == (6, 2, 9)
+    assert 0 < int(masks[0].sum()) < masks[0].numel()  # a real split of the 8x8 teacher grid
+    terms = method.compute_loss(batch)
+    assert torch.isfinite(terms["loss"])
+    # only the masked teacher tokens were queued (unmasked: all 2 x 64 tokens of each global)
+    assert int(method.queue_fill[0]) == int(masks[0].sum()) and int(method.queue_fill[1]) == int(masks[1].sum())
+    with pytest.raises(ValueError, match="loss_mask"):
+        NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), loss_mask="objects")

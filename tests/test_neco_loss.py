@@ -142,3 +142,29 @@ def test_neco_loss_rejects_bad_input(shapes, kwargs, match):
     tensors = [torch.zeros(shape) for shape in shapes]
     with pytest.raises(ValueError, match=match):
         neco_loss(*tensors, **kwargs)
+
+
+def test_query_mask_averages_each_pair_over_its_masked_queries_only():
+    student, teacher, references = _pairs()
+    mask = torch.zeros(student.shape[:3], dtype=torch.bool)
+    mask[0, 1, 2] = True  # pair 0: one query
+    mask[2, :, :3] = True  # pair 2: six queries; pair 1: none -> contributes 0
+    per_pair = []
+    for s, t, r, m in zip(student, teacher, references, mask):
+        if not m.any():
+            per_pair.append(torch.zeros((), dtype=s.dtype))
+            continue
+        r = F.normalize(r, dim=-1)
+        sims_s = torch.einsum("bkd,brd->bkr", F.normalize(s, dim=-1), r)[m]
+        sims_t = torch.einsum("bkd,brd->bkr", F.normalize(t, dim=-1), r)[m]
+        per_pair.append(sort_loss(sims_s, sims_t, 50.0, 80.0))
+    expected = torch.stack(per_pair).mean()  # pairs still weigh 1/3 each (reference knn_loss)
+    torch.testing.assert_close(neco_loss(student, teacher, references, 50.0, 80.0, query_mask=mask), expected)
+    # all queries masked == no mask; chunked gradients give the same masked loss and no gradient to pair 1
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(neco_loss(student, teacher, references, query_mask=full),
+                               neco_loss(student, teacher, references))
+    student.requires_grad_(True)
+    neco_loss(student, teacher, references, 50.0, 80.0, query_mask=mask, chunk_rows=4).backward()
+    assert student.grad[1].abs().sum() == 0 and student.grad[0, 1, 2].abs().sum() > 0
+    assert student.grad[0, 0].abs().sum() == 0  # unmasked queries of a masked pair get nothing

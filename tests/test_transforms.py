@@ -70,3 +70,18 @@ def test_color_augment_keeps_shape_and_normalises():
     expected = (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(y[:, :, 0, 0], expected.expand(4, 3))
     assert ColorAugment()(x).shape == (4, 3, 16, 16)
+
+
+def test_foreground_mask_keeps_the_attended_blob_and_drops_specks():
+    from densessl.transforms.masks import foreground_mask
+
+    attention = torch.full((2, 8, 8), 0.01)
+    attention[0, 2:5, 2:5] = 1.0  # a 3x3 blob ...
+    attention[0, 7, 7] = 1.0  # ... and a one-patch speck, dropped (components of <= 2 patches)
+    attention[1, 0:4, 0:8] = 1.0  # half the image
+    mask = foreground_mask(attention)
+    assert mask.dtype == torch.bool and mask.shape == (2, 8, 8)
+    assert not mask[0, 7, 7] and mask[0, 3, 3] and not mask[0, 0, 0]
+    assert mask[0].sum() <= 9 and mask[1, :4].sum() > mask[1, 4:].sum()
+    # the kept fraction of the blurred mass is ~keep_mass
+    assert foreground_mask(attention, keep_mass=0.99)[0].sum() > mask[0].sum()

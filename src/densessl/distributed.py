@@ -13,12 +13,21 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def gather_rows(x: Tensor) -> Tensor:
-    """(n, ...) on every rank -> (world * n, ...) in rank order, no gradient (queue pushes)."""
+    """(n_rank, ...) on every rank -> (sum of n_rank, ...) in rank order, no gradient (queue pushes).
+
+    Ranks may hold different row counts (e.g. NeCo's foreground-only pushes): rows are padded to the
+    largest count for ``all_gather`` and trimmed after."""
     if not is_distributed():
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), *x.shape[1:])
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, counts)])
 
 
 @torch.no_grad()

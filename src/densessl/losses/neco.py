@@ -37,13 +37,15 @@ def _sort_ce_sum(
     teacher_steepness: float,
     network: str,
     eps: float,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """-sum_{rows, m, j} Q log P for (rows, R) sims."""
+    """-sum_{rows, m, j} w_row Q log P for (rows, R) sims (w = 1 without ``weights`` (rows,))."""
     with torch.no_grad():
         q = soft_permutation(teacher_sims, teacher_steepness, network)
     p = soft_permutation(student_sims, student_steepness, network)
     # xlogy: reference computes q * log(p); same value, and 0 (not nan) where q == p == 0.
-    return -torch.xlogy(q, p + eps if eps > 0 else p).sum()
+    ce = -torch.xlogy(q, p + eps if eps > 0 else p)
+    return ce.sum() if weights is None else (ce.sum((-1, -2)) * weights).sum()
 
 
 def sort_loss(
@@ -54,6 +56,7 @@ def sort_loss(
     network: str = "bitonic",
     eps: float = 0.0,
     chunk_rows: int | None = 512,
+    row_weights: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy between teacher and student soft permutations of each row of sims.
 
@@ -74,6 +77,8 @@ def sort_loss(
             (also ~1.7x faster on CPU, where 512 rows stay in cache; on GPU prefer a larger
             value or None). The returned loss then supports one first-order backward.
             None: plain autograd over all rows.
+        row_weights: (...,) weight of each row instead of the mean: the loss is then
+            ``-1/R * sum_rows w_row sum_{m, j} Q log P`` (weights summing to 1 give a weighted mean).
 
     Returns:
         Scalar loss.
@@ -88,17 +93,21 @@ def sort_loss(
     n_refs = student_sims.shape[-1]
     student = student_sims.reshape(-1, n_refs)
     teacher = teacher_sims.detach().reshape(-1, n_refs)
-    norm = student.shape[0] * n_refs
+    if row_weights is not None and row_weights.shape != student_sims.shape[:-1]:
+        raise ValueError(f"row_weights must be {tuple(student_sims.shape[:-1])}, got {tuple(row_weights.shape)}")
+    weights = None if row_weights is None else row_weights.detach().reshape(-1).to(student.dtype)
+    norm = n_refs if weights is not None else student.shape[0] * n_refs
     args = (student_steepness, teacher_steepness, network, eps)
     if chunk_rows is None or not (student.requires_grad and torch.is_grad_enabled()):
-        return _sort_ce_sum(student, teacher, *args) / norm
+        return _sort_ce_sum(student, teacher, *args, weights) / norm
 
     total = student.new_zeros(())
     grads = []
-    for s_chunk, t_chunk in zip(student.detach().split(chunk_rows), teacher.split(chunk_rows)):
+    rows = torch.arange(student.shape[0], device=student.device)
+    for r, s_chunk, t_chunk in zip(rows.split(chunk_rows), student.detach().split(chunk_rows), teacher.split(chunk_rows)):
         with torch.enable_grad():
             s_chunk.requires_grad_(True)
-            chunk_loss = _sort_ce_sum(s_chunk, t_chunk, *args) / norm
+            chunk_loss = _sort_ce_sum(s_chunk, t_chunk, *args, None if weights is None else weights[r]) / norm
             grads.append(torch.autograd.grad(chunk_loss, s_chunk)[0])
         total += chunk_loss.detach()
     return _GivenGrad.apply(student, total, torch.cat(grads))
@@ -123,6 +132,7 @@ def neco_loss(
     sim: str = "cosine",
     eps: float = 0.0,
     chunk_rows: int | None = 512,
+    query_mask: Tensor | None = None,
 ) -> Tensor:
     """NeCo loss over all (global crop c, other crop v) pairs, equally weighted.
 
@@ -139,6 +149,9 @@ def neco_loss(
             (reference code default: sorts raw ``cdist`` distances, which reverses the rank
             order relative to cosine).
         student_steepness, teacher_steepness, network, eps, chunk_rows: see ``sort_loss``.
+        query_mask: (P, B, K) bool, NeCo's fg/bg variant (``loss_mask``): each pair's loss is the
+            mean over its masked queries only, 0 for a pair without any (reference
+            ``compute_knn_subloss``), and pairs are still averaged with equal weight.
 
     Returns:
         Scalar loss.
@@ -162,7 +175,14 @@ def neco_loss(
     student_sims = _similarities(student_aligned, references, sim)  # (P, B, K, R)
     with torch.no_grad():
         teacher_sims = _similarities(teacher_aligned, references, sim)
-    # Every pair has B*K rows, so the mean over all rows is the mean of the per-pair losses.
+    weights = None
+    if query_mask is not None:
+        if query_mask.shape != student_aligned.shape[:3]:
+            raise ValueError(f"query_mask must be (P, B, K) = {tuple(student_aligned.shape[:3])}, "
+                             f"got {tuple(query_mask.shape)}")
+        mask = query_mask.to(student_sims.dtype)
+        weights = mask / mask.sum((1, 2), keepdim=True).clamp_min(1) / pairs
+    # Every pair has B*K rows, so (without a mask) the mean over all rows is the mean of the pair losses.
     return sort_loss(
-        student_sims, teacher_sims, student_steepness, teacher_steepness, network, eps, chunk_rows
+        student_sims, teacher_sims, student_steepness, teacher_steepness, network, eps, chunk_rows, weights
     )

@@ -102,10 +102,15 @@ class Backbone(nn.Module):
             self.model.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, images: Tensor) -> dict[str, Tensor | tuple[int, int] | None]:
+    def forward_features(self, images: Tensor, cls_attention: bool = False) -> dict[str, Tensor | tuple[int, int] | None]:
         """images (B, 3, H, W) -> dict(patches (B, N, D), cls (B, D) | None,
-        registers (B, R, D) | None, grid (h, w))."""
+        registers (B, R, D) | None, grid (h, w)); with ``cls_attention`` (ViTs with a CLS token)
+        also cls_attention (B, heads, N): the last block's attention of the CLS query over the patch
+        tokens (softmax over all tokens, registers' columns left out), as DINO's attention maps."""
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        has_cls = getattr(self.model, "cls_token", None) is not None
+        if cls_attention and not (self.is_vit and has_cls):
+            raise ValueError(f"cls_attention needs a ViT with a CLS token; backbone '{self.name}' has none")
         if not self.is_vit:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -115,11 +120,20 @@ class Backbone(nn.Module):
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ValueError(f"input size {tuple(images.shape[-2:])} is not a multiple of the patch size "
                              f"{self.patch_size}; resize or crop to a multiple (e.g. {h * self.patch_size})")
-        x = self.model.forward_features(images)  # (B, prefix + N, D), after the final norm
         p = self.num_prefix_tokens
-        has_cls = getattr(self.model, "cls_token", None) is not None
-        return {"patches": x[:, p:], "cls": x[:, 0] if has_cls else None,
-                "registers": x[:, int(has_cls):p] if p > int(has_cls) else None, "grid": (h, w)}
+        inputs: list[Tensor] = []
+        hook = (self.model.blocks[-1].attn.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+                if cls_attention else None)
+        try:
+            x = self.model.forward_features(images)  # (B, prefix + N, D), after the final norm
+        finally:
+            if hook is not None:
+                hook.remove()
+        out = {"patches": x[:, p:], "cls": x[:, 0] if has_cls else None,
+               "registers": x[:, int(has_cls):p] if p > int(has_cls) else None, "grid": (h, w)}
+        if cls_attention:
+            out["cls_attention"] = _cls_attention(self.model.blocks[-1].attn, inputs[0])[..., p:]
+        return out
 
     def forward_patches(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """images (B, 3, H, W) -> tokens (B, N, D) after the final norm, grid (h, w), N = h*w."""
@@ -201,6 +215,16 @@ class Backbone(nn.Module):
             out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
         out["mask_token"] = torch.zeros(1, self.embed_dim)
         return out
+
+
+def _cls_attention(attn: nn.Module, x: Tensor) -> Tensor:
+    """Attention of token 0 (CLS) over all tokens in a timm ``Attention`` given its input x (B, T, D)
+    -> (B, heads, T). Recomputed from the block's own projections because timm's fused attention
+    never materialises the attention matrix."""
+    b, t, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]
 
 
 def extract_backbone_state(state: dict[str, Any], checkpoint_key: str = "teacher") -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""Patch masks for masked image modelling: BEiT/iBOT block masks and denseSSL's RCC masks.
+"""Patch masks: BEiT/iBOT block masks and denseSSL's RCC masks for masked image modelling, and
+foreground masks from a ViT's CLS attention (NeCo's fg/bg loss variant).
 
 All masks are bool tensors (h, w) over the patch grid, True = masked (the student sees the mask token
 there). Randomness comes from a ``random.Random`` (the data-loader worker's seeded ``random`` module
@@ -148,3 +149,27 @@ class MaskSampler:
         if self.shape == "block":
             return block_mask(h, w, ratio, self.aspect, rng=rng)
         return rcc_mask(h, w, ratio, rng=rng)
+
+
+def foreground_mask(attention: Tensor, keep_mass: float = 0.6, blur_sigma: float = 0.6) -> Tensor:
+    """Foreground of each map from CLS attention, as NeCo/Leopart ``process_attentions``.
+
+    attention: (B, h, w) non-negative maps (e.g. the head mean of a last-layer CLS attention)
+    -> (B, h, w) bool. Each map is Gaussian-blurred (7x7 kernel, ``blur_sigma``), its largest values
+    holding ``keep_mass`` of the total are kept, then 8-connected components of at most 2 patches
+    are dropped (skimage ``label`` in the reference; scipy's here, same connectivity).
+    """
+    from scipy import ndimage
+    from torchvision.transforms.functional import gaussian_blur
+
+    b, h, w = attention.shape
+    flat = gaussian_blur(attention[:, None].float(), [7, 7], [blur_sigma, blur_sigma]).reshape(b, h * w)
+    values, order = flat.sort(dim=1)  # ascending: the tail of the cumulative mass is the foreground
+    cumulative = (values / values.sum(1, keepdim=True)).cumsum(1)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, cumulative > 1 - keep_mass)
+    keep = keep.reshape(b, h, w).cpu().numpy()
+    for mask in keep:
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        mask[(sizes <= 2)[labels] & (labels > 0)] = False
+    return torch.from_numpy(keep).to(attention.device)
