@@ -138,6 +138,19 @@ def test_teacher_temperature_schedule_matches_linspace() -> None:
     assert got[0, 0] == 0.04 and got[29, 0] == 0.07
 
 
+def test_pred_start_epoch_empties_masks_and_delays_the_patch_temperature() -> None:
+    method = IBOT(TINY_VIT, {"lr": 1e-3}, head={"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8},
+                  warmup_teacher_temp_epochs=30, teacher_patch_temp=0.06, pred_start_epoch=5)
+    got = np.array([method.teacher_temperatures(e) for e in range(45)])
+    ref_p = np.concatenate([np.full(5, 0.04), np.linspace(0.04, 0.06, 30), np.full(10, 0.06)])  # reference
+    assert np.allclose(got[:, 1], ref_p) and got[29, 0] == 0.07  # the [CLS] schedule is unchanged
+    masks = [torch.ones(2, 4, 4, dtype=torch.bool)] * 2
+    batch = {"crops": [torch.zeros(2, 3, 32, 32, dtype=torch.uint8)] * 2, "masks": masks}
+    assert not any(m.any() for m in method.prepare_views(dict(batch))["masks"])  # epoch 0 < 5
+    method.pred_start_epoch = 0
+    assert all(m.all() for m in method.prepare_views(dict(batch))["masks"])
+
+
 def test_reference_lr_and_momentum_schedule_endpoints() -> None:
     from densessl.models import cosine_momentum
     from densessl.schedules import cosine_schedule

@@ -18,8 +18,9 @@ Decisions on the spec's quirks (section 2 "Quirks", section 1):
 (v)   de-coupling forwards N + 2n images per view, as the reference.
 Heads: student and teacher share the [CLS]/patch prototypes or not together (``shared_head``); the
 reference's mixed default (student separate, teacher shared) is not reproduced. The teacher
-temperature is indexed by epoch as the reference; ``pred_start_epoch`` (0 in every preset) is not
-implemented. Colour augmentation (including blur) runs on the device with per-view settings
+temperature is indexed by epoch as the reference. ``pred_start_epoch`` (0 in every preset) empties the
+masks of earlier epochs and holds the patch temperature at its warm-up value until then, as the
+reference (its loader returns all-False masks before that epoch). Colour augmentation (including blur) runs on the device with per-view settings
 (``global_color``); blur comes after colour jitter there (the reference blurs on the CPU first).
 """
 from __future__ import annotations
@@ -159,6 +160,7 @@ class IBOT(SSLMethod):
         flip_p: horizontal flip probability of every crop.
         clip_grad: per-tensor gradient norm clip (0 disables), as iBOT's ``clip_gradients``.
         freeze_last_layer_epochs: epochs during which the prototype layers get no update.
+        pred_start_epoch: first epoch with masked image modelling (masks are empty before it).
     """
 
     def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
@@ -169,7 +171,7 @@ class IBOT(SSLMethod):
                  lambda2: float = 1.0, masking: dict[str, Any] | None = None, decoupling: bool = False,
                  dc_weight: float = 0.3, dc_sample_ratio: float = 0.25,
                  global_color: list[dict[str, Any]] | None = None, flip_p: float = 0.5, clip_grad: float = 3.0,
-                 freeze_last_layer_epochs: int = 1, **kwargs: Any) -> None:
+                 freeze_last_layer_epochs: int = 1, pred_start_epoch: int = 0, **kwargs: Any) -> None:
         kwargs["crops"] = {**DEFAULT_CROPS, **(kwargs.get("crops") or {})}
         kwargs["color"] = {**DEFAULT_COLOR, **(kwargs.get("color") or {})}
         kwargs.setdefault("student_drop_path", 0.1)
@@ -199,6 +201,7 @@ class IBOT(SSLMethod):
             raise ValueError(f"global_color needs one override dict per global view (2), got {len(overrides)}")
         self.global_color = nn.ModuleList([ColorAugment(**{**color, **o}) for o in overrides])
         self.flip_p, self.clip_grad, self.freeze_last_layer_epochs = flip_p, clip_grad, freeze_last_layer_epochs
+        self.pred_start_epoch = pred_start_epoch
 
     # ------------------------------------------------------------------ networks and data
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -218,15 +221,20 @@ class IBOT(SSLMethod):
     collate_fn = staticmethod(collate_ibot)
 
     def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
-        """([CLS], patch) teacher temperatures: np.linspace(warm, final, W)[epoch], then final."""
+        """([CLS], patch) teacher temperatures: np.linspace(warm, final, W)[epoch], then final; the patch
+        schedule starts at ``pred_start_epoch`` (warm value before it)."""
         warm, final, warm_p, final_p = self.temps
         steps = self.warmup_teacher_temp_epochs - 1
-        return linear_warmup_constant(epoch, steps, warm, final), linear_warmup_constant(epoch, steps, warm_p, final_p)
+        patch_epoch = max(epoch - self.pred_start_epoch, 0)
+        return (linear_warmup_constant(epoch, steps, warm, final),
+                linear_warmup_constant(patch_epoch, steps, warm_p, final_p))
 
     def prepare_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         """De-coupling rows (optional, before colour so duplicates get their own draws), then colour
         augmentation per crop group: global view 1, global view 2, locals."""
         crops, masks = batch["crops"], batch["masks"]
+        if self.current_epoch < self.pred_start_epoch:
+            masks = batch["masks"] = [torch.zeros_like(m) for m in masks]
         globals_ = crops[:2]
         if self.decoupling:
             views = build_decoupled_views(globals_, masks, self.dc_sample_ratio)
