@@ -191,3 +191,27 @@ def test_neco_fg_bg_variant_masks_queries_queue_and_loss(loss_mask):
     assert int(method.queue_fill[0]) == int(masks[0].sum()) and int(method.queue_fill[1]) == int(masks[1].sum())
     with pytest.raises(ValueError, match="loss_mask"):
         NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), loss_mask="objects")
+
+
+def test_grad_checkpointing_gives_the_same_tokens_and_gradients():
+    from densessl.methods.ibot import forward_masked
+
+    plain, ckpt = Backbone(**TINY, drop_path_rate=0.1), Backbone(**TINY, drop_path_rate=0.1, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing
+    x = torch.randn(2, 3, 32, 32)
+    for run in (lambda b: b.forward_patches(x)[0], lambda b: forward_masked(b, x)["patches"]):
+        grads, calls = [], []
+        for backbone in (plain, ckpt):
+            torch.manual_seed(0)  # same drop-path draws; checkpointing replays them in backward
+            backbone.zero_grad()
+            seen = []
+            hook = backbone.model.blocks[0].register_forward_pre_hook(lambda *_: seen.append(1))
+            out = run(backbone)
+            out.square().sum().backward()
+            hook.remove()
+            grads.append((out.detach(), backbone.model.blocks[0].attn.qkv.weight.grad.clone()))
+            calls.append(len(seen))
+        assert calls == [1, 2]  # the checkpointed block ran again in backward
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        torch.testing.assert_close(grads[0][1], grads[1][1])

@@ -29,6 +29,7 @@ import random
 from typing import Any
 
 import torch
+from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 from densessl.losses.ibot import IBOTLoss
@@ -113,7 +114,9 @@ def forward_masked(backbone: Backbone, images: Tensor, mask: Tensor | None = Non
         x = mask_token(x, mask)
     x = model._pos_embed(x.reshape(shape))
     x = model.norm_pre(model.patch_drop(x))
-    x = model.norm(model.blocks(x))
+    # timm's forward_features checkpoints the blocks the same way when grad_checkpointing is on
+    x = checkpoint_seq(model.blocks, x) if model.grad_checkpointing and torch.is_grad_enabled() else model.blocks(x)
+    x = model.norm(x)
     return {"cls": x[:, 0], "patches": x[:, backbone.num_prefix_tokens:]}
 
 

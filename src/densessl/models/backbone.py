@@ -61,6 +61,8 @@ class Backbone(nn.Module):
             "student").
         model_kwargs: extra timm ``create_model`` arguments (e.g. depth for ``vit_tiny``).
         channels_last: NHWC memory format for CNNs (faster convolutions on GPUs with tensor cores).
+        grad_checkpointing: timm's activation checkpointing of the blocks/stages: activations are
+            recomputed in backward instead of stored (training memory for larger batches or crops).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class Backbone(nn.Module):
         checkpoint_key: str = "teacher",
         model_kwargs: dict[str, Any] | None = None,
         channels_last: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if name not in ARCHS:
@@ -98,6 +101,7 @@ class Backbone(nn.Module):
             self.num_prefix_tokens = 0
         self.load_weights(weights, drop_registers=drop_registers, checkpoint_key=checkpoint_key)
         self.channels_last = channels_last and not self.is_vit
+        self.model.set_grad_checkpointing(grad_checkpointing)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
