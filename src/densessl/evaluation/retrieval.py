@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -233,6 +234,19 @@ def build_memory(
     return Memory(features[:filled], labels[:filled])
 
 
+@contextmanager
+def _blas_database_block(rows: int) -> Iterator[None]:
+    """faiss's exact search scores memory rows in GEMM blocks of ``distance_compute_blas_database_bs``
+    (default 1024): 16384 was 1.2x faster for 1,024 queries x 1.024M x 384 on 2 CPU cores (5.37 -> 4.33 s;
+    4096 and 65536 were within 3 %), same neighbours. A process-wide faiss setting: restored after."""
+    previous = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = rows
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = previous
+
+
 class ExactSearch:
     """Exact maximum-inner-product search over the memory rows (faiss).
 
@@ -267,7 +281,8 @@ class ExactSearch:
         best_sims = best_rows = None
         for start in range(0, len(self.features), step):
             block = self.features[start : start + step].float().numpy()  # a view for float32
-            sims, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            with _blas_database_block(16384):
+                sims, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
             sims, rows = torch.from_numpy(sims), torch.from_numpy(rows) + start
             if best_sims is not None:
                 sims, rows = torch.cat([best_sims, sims], 1), torch.cat([best_rows, rows], 1)
