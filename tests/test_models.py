@@ -189,6 +189,13 @@ def test_neco_fg_bg_variant_masks_queries_queue_and_loss(loss_mask):
     assert torch.isfinite(terms["loss"])
     # only the masked teacher tokens were queued (unmasked: all 2 x 64 tokens of each global)
     assert int(method.queue_fill[0]) == int(masks[0].sum()) and int(method.queue_fill[1]) == int(masks[1].sum())
+    # nothing masked (e.g. an all-background batch for "fg"): nothing queued, references from the pair's
+    # own teacher tokens, and a zero loss (every query weight is 0)
+    empty = NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), roi_size=3,
+                 queue_size=256, queue_push=64, loss_mask=loss_mask)
+    empty._token_masks = lambda teacher: [torch.zeros(2, 64, dtype=torch.bool)] * 2
+    terms = empty.compute_loss(batch)
+    assert int(empty.queue_fill.sum()) == 0 and terms["loss"].item() == 0.0
     with pytest.raises(ValueError, match="loss_mask"):
         NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), loss_mask="objects")
 

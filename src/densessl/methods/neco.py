@@ -189,11 +189,11 @@ class NeCo(SSLMethod):
             return torch.stack(refs).reshape(p, b, k, d)
         refs = []
         need = b * k
-        for c, _ in pairs:
+        for pair, (c, _) in enumerate(pairs):
             fill = int(self.queue_fill[c])
-            if fill == 0:  # masked pushes can leave a queue empty at first: use the batch's own tokens
-                refs.append(teacher_aligned[len(refs)].reshape(b * k, d)[torch.randperm(b * k, generator=gen,
-                                                                                       device=gen.device)])
+            if fill == 0:  # masked pushes can leave a queue empty at first: use the pair's own teacher tokens
+                own = teacher_aligned[pair].reshape(need, d)
+                refs.append(own[torch.randperm(need, generator=gen, device=gen.device)])
                 continue
             if fill >= need:
                 idx = torch.randperm(fill, generator=gen, device=gen.device)[:need]
