@@ -10,8 +10,8 @@ Protocol of open-hummingbird-eval v2.0.0 (hbird/hbird_eval.py, hbird/utils/trans
 2. Retrieval: each validation patch token takes its ``k`` = 30 nearest memory rows by inner product
    (``search="exact"``: faiss flat search, as the reference's faiss backend; ``search="ivf"``: faiss
    IVF with 512 lists of which 32 are visited and the best 120 re-scored exactly, the setting of the
-   reference's default approximate ScaNN backend), and its label distribution is the softmax(cos / 0.02)-weighted mean of their
-   soft labels.
+   reference's default approximate ScaNN backend), and its label distribution is the
+   softmax(cos / 0.02)-weighted mean of their soft labels.
 3. Prediction: the (h, w, C) distributions are bilinearly upsampled to the input size and argmaxed;
    one confusion matrix over the whole validation set gives the mIoU after Hungarian matching of
    predicted to true classes (the reference matches even though K = C; ``miou_unmatched`` is the
@@ -344,6 +344,9 @@ class IVFSearch:
         return sims, rows.gather(1, order)
 
 
+SEARCHES = ("exact", "ivf")
+
+
 def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, nlist: int = 512,
                 nprobe: int = 32, seed: int = 0) -> ExactSearch | IVFSearch:
     """The memory's searcher: ``search="exact"`` (:class:`ExactSearch`) or ``"ivf"`` (:class:`IVFSearch`)."""
@@ -351,7 +354,7 @@ def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, n
         return ExactSearch(features, gpu=gpu)
     if search == "ivf":
         return IVFSearch(features, nlist=nlist, nprobe=nprobe, gpu=gpu, seed=seed)
-    raise ValueError(f"search must be 'exact' or 'ivf', got {search!r}")
+    raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
 
 
 def transfer_labels(sims: Tensor, rows: Tensor, labels: Tensor, temperature: float = 0.02) -> Tensor:
@@ -573,8 +576,8 @@ def hummingbird(
         raise ValueError(
             f"augmentation_epochs, k and batch_size must be >= 1 (got {augmentation_epochs}, {k}, {batch_size})"
         )
-    if search not in ("exact", "ivf"):  # checked before the memory is built, not after
-        raise ValueError(f"search must be 'exact' or 'ivf', got {search!r}")
+    if search not in SEARCHES:  # checked before the memory is built, not after
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     num_classes = num_classes or _num_classes(train_dataset)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
 
