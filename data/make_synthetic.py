@@ -12,7 +12,12 @@ import argparse
 import time
 from pathlib import Path
 
-from densessl.data.synthetic import DEFAULT_PARAMS, SYNTHETIC_CLASSES, make_synthetic_voc
+from densessl.data.synthetic import (
+    DEFAULT_PARAMS,
+    SYNTHETIC_CLASSES,
+    ForeignFolderError,
+    make_synthetic_voc,
+)
 
 
 def main() -> None:
@@ -34,10 +39,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     start = time.perf_counter()
-    root = make_synthetic_voc(
-        args.out, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
-        num_classes=args.num_classes, ignore_width=args.ignore_width,
-    )
+    try:
+        root = make_synthetic_voc(
+            args.out, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
+            num_classes=args.num_classes, ignore_width=args.ignore_width,
+        )
+    except ForeignFolderError as err:  # --out is someone's folder: say so, touch nothing
+        parser.exit(2, f"error: {str(err).replace('data.root', '--out')}\n")
     print(
         f"wrote {args.n_train} train + {args.n_val} val images ({args.size} px, "
         f"{args.num_classes} classes) to {root} in {time.perf_counter() - start:.1f} s"

@@ -385,3 +385,56 @@ def test_seg_transform_train_mode():
         SegTransform(24, train=True, mask_size=None)
     with pytest.raises(ValueError, match="size must be"):
         SegTransform((24, 24, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data safety: the generator never replaces a folder it did not make
+# ---------------------------------------------------------------------------------------------
+
+
+def _voc_like_user_folder(root: Path) -> dict[str, str]:
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "JPEGImages" / "2007_000032.jpg").write_bytes(b"the user's image")
+    (root / "notes.txt").write_text("mine")
+    return _tree_hash(root)
+
+
+def test_ensure_synthetic_voc_refuses_a_users_folder_and_leaves_it_untouched(tmp_path):
+    user = tmp_path / "VOC2012"
+    before = _voc_like_user_folder(user)
+    with pytest.raises(synthetic.ForeignFolderError, match=r"data\.root=.*VOC2012.*data=voc") as err:
+        ensure_synthetic_voc(user, **SMALL)
+    assert "Nothing was changed" in str(err.value)
+    assert _tree_hash(user) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["VOC2012"]  # no temp folder left behind
+    with pytest.raises(synthetic.ForeignFolderError):  # the writer itself refuses too
+        make_synthetic_voc(user, **SMALL)
+    assert _tree_hash(user) == before
+
+
+def test_foreign_folder_with_matching_params_json_is_still_refused(tmp_path):
+    """A params.json alone (e.g. a copy, or another tool's file) is not the generator's marker."""
+    user = tmp_path / "data"
+    user.mkdir()
+    wanted = {**synthetic.DEFAULT_PARAMS, **SMALL, "version": synthetic.GENERATOR_VERSION}
+    (user / "params.json").write_text(json.dumps(wanted))
+    (user / "experiment.csv").write_text("1,2,3")
+    before = _tree_hash(user)
+    with pytest.raises(synthetic.ForeignFolderError, match="data=imagefolder"):
+        ensure_synthetic_voc(user, **SMALL)
+    assert _tree_hash(user) == before
+
+
+def test_generated_and_empty_folders_are_writable(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (ensure_synthetic_voc(empty, **SMALL) / synthetic.MARKER).is_file()
+    # A folder written before the marker existed (params.json + our README.txt) is still ours.
+    legacy = tmp_path / "legacy"
+    make_synthetic_voc(legacy, **SMALL)
+    (legacy / synthetic.MARKER).unlink()
+    ensure_synthetic_voc(legacy, **{**SMALL, "n_val": 3})
+    assert len(_read_split(legacy, "val")) == 3 and (legacy / synthetic.MARKER).is_file()
+    with pytest.raises(synthetic.ForeignFolderError, match="is a file"):
+        ensure_synthetic_voc(tmp_path / "empty" / "params.json", **SMALL)
