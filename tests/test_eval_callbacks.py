@@ -109,7 +109,7 @@ def test_training_with_linear_and_retrieval_callbacks(tmp_path):
     run_train(tmp_path, "+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1",
               "callbacks=[default,linear,retrieval]", "overcluster.ks=[7,10]", "overcluster.seeds=[0]",
               "overcluster.pca_dim=8", "overcluster.niter=5", "overcluster.image_size=64", "overcluster.mask_size=32",
-              "overcluster.num_vis=2", "callbacks.linear.epochs=2", "callbacks.linear.max_train_images=8",
+              "overcluster.num_vis=2", "callbacks.linear.max_iter=10", "callbacks.linear.max_train_images=8",
               "callbacks.retrieval.max_train_images=8", "callbacks.retrieval.k=5")
     run = tmp_path / "run"
     pictures = run / "pictures"

@@ -175,3 +175,51 @@ def test_train_linear_keeps_the_predictions_of_the_first_val_images():
     keep = expected != 255
     assert result.vis_predictions.shape == (4, 48, 48)
     assert torch.equal(result.vis_predictions[keep], expected[keep])
+
+
+def test_lbfgs_probe_fits_planted_classes_and_folds_the_zscore_back():
+    """Known answer: planted prototypes are linearly separable, so the converged head is perfect at token
+    resolution; on shuffled labels it is no better than chance. The head it returns works on raw tokens."""
+    from densessl.evaluation.linear import fit_lbfgs
+
+    tokens, masks = planted(32, seed=0)
+    tokens = 50.0 + 30.0 * tokens  # badly scaled raw tokens: the z-score is what makes L-BFGS well conditioned
+    head = nn.Conv2d(D, C, 1)
+    fit_lbfgs(head, tokens, F.interpolate(masks[:, None].float(), size=(GRID, GRID)).squeeze(1).long(), max_iter=100)
+    val_tokens, val_masks = planted(16, seed=1)
+    with torch.no_grad():
+        pred = linear_logits(head, (50.0 + 30.0 * val_tokens).permute(0, 3, 1, 2), (GRID, GRID)).argmax(1)
+    from densessl.evaluation.metrics import confusion_matrix
+
+    target = val_masks[:, ::PATCH, ::PATCH]
+    assert miou(confusion_matrix(pred, target, C, C, 255)) == 1.0
+    shuffled_tokens, shuffled = planted(32, seed=2, shuffle_labels=True)
+    head = nn.Conv2d(D, C, 1)
+    fit_lbfgs(head, shuffled_tokens, shuffled[:, ::PATCH, ::PATCH], max_iter=100)
+    with torch.no_grad():
+        pred = linear_logits(head, val_tokens.permute(0, 3, 1, 2), (GRID, GRID)).argmax(1)
+    assert miou(confusion_matrix(pred, target, C, C, 255)) < 0.5
+
+
+def test_lbfgs_solver_is_more_sensitive_than_a_few_sgd_steps(synthetic):
+    """The reason for the solver: with one SGD step (the reference recipe on a tiny split) the head is far
+    from separating planted classes; L-BFGS on the same tokens separates them. Through train_linear too."""
+    from densessl.evaluation.linear import fit_lbfgs
+
+    tokens, masks = planted(16, seed=0)
+    sgd = fit(tokens, masks, epochs=1)  # 16 images, batch 16: one step
+    lbfgs = LinearSegmentation(D, C, train_mask_size=GRID)
+    fit_lbfgs(lbfgs.head, tokens, masks[:, ::PATCH, ::PATCH])
+    assert token_res_miou(lbfgs.eval(), tokens, masks) == 1.0 > token_res_miou(sgd, tokens, masks) + 0.2
+
+    train, val = synthetic
+    backbone = TinyBackbone()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = train_linear(backbone, train, val, image_size=64, cache_features=True, augment=False, solver="lbfgs",
+                          train_mask_size=32, max_iter=20)
+    assert 0.0 < result.miou_full_res <= 1.0 and len(result.val_history) == 1
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    with pytest.raises(ValueError, match="cache_features=True"):
+        train_linear(backbone, train, val, image_size=64, solver="lbfgs")
+    with pytest.raises(ValueError, match="solver"):
+        train_linear(backbone, train, val, image_size=64, cache_features=True, augment=False, solver="adam")

@@ -84,7 +84,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = build_method(cfg)
     dm = SSLDataModule(build_dataset(cfg, "train"), model.train_transform(), model.collate_fn,
                        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                       max_images=cfg.data.max_images)
+                       max_images=cfg.data.max_images, with_labels=model.uses_labels)
     val = build_dataset(cfg, "val") if cfg.eval_before_after else None
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]

@@ -9,16 +9,22 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class UnlabeledImages(Dataset):
-    """Any dataset whose items are images or (image, ...) tuples -> transform(image)."""
+    """Any dataset whose items are images or (image, ...) tuples -> transform(image);
+    ``with_labels``: (image, mask) items -> transform(image, mask)."""
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any]) -> None:
-        self.dataset, self.transform = dataset, transform
+    def __init__(self, dataset: Dataset, transform: Callable[..., Any], with_labels: bool = False) -> None:
+        self.dataset, self.transform, self.with_labels = dataset, transform, with_labels
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Any:
         item = self.dataset[i]
+        if self.with_labels:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise ValueError(f"this objective trains on masks, but data.train yields {type(item).__name__} "
+                                 f"items; use a labelled dataset (data=synthetic, data=voc, ...)")
+            return self.transform(*item)
         return self.transform(item[0] if isinstance(item, tuple) else item)
 
 
@@ -29,7 +35,8 @@ class SSLDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], collate_fn: Callable | None,
-                 batch_size: int, num_workers: int = 2, max_images: int | None = None, pin_memory: bool = False) -> None:
+                 batch_size: int, num_workers: int = 2, max_images: int | None = None, pin_memory: bool = False,
+                 with_labels: bool = False) -> None:
         super().__init__()
         if max_images is not None:
             from torch.utils.data import Subset
@@ -37,7 +44,7 @@ class SSLDataModule(L.LightningDataModule):
             dataset = Subset(dataset, range(min(max_images, len(dataset))))  # type: ignore[arg-type]
         if len(dataset) < batch_size:  # type: ignore[arg-type]
             raise ValueError(f"the training set has {len(dataset)} images, fewer than data.batch_size={batch_size}")
-        self.dataset = UnlabeledImages(dataset, transform)
+        self.dataset = UnlabeledImages(dataset, transform, with_labels)
         self.collate_fn, self.batch_size = collate_fn, batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
 

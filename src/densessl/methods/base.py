@@ -45,6 +45,10 @@ class SSLMethod(L.LightningModule):
             backbones in place before training; ``None`` (default) runs eagerly.
     """
 
+    # True for objectives whose views need the training masks (the supervised baseline): the data
+    # module then hands them (image, mask) items instead of images.
+    uses_labels = False
+
     def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
                  color: dict[str, Any] | None = None, dse_regularizer: dict[str, Any] | None = None,
                  eval_on: str = "teacher", student_drop_path: float | None = None,
