@@ -145,6 +145,20 @@ def test_resume_auto_relaunch_finds_its_run_folder(tmp_path, cache, straight):
     assert _checkpoint(first)["global_step"] == 7
 
 
+def test_resume_auto_takes_last_ckpt_else_the_newest(tmp_path):
+    from densessl.training import resolve_resume
+
+    folder = tmp_path / "checkpoints"
+    assert resolve_resume("auto", tmp_path) is None
+    folder.mkdir()
+    for name, mtime in (("epoch001-step6.ckpt", 2), ("epoch000-step3.ckpt", 3), ("last.ckpt", 1)):
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, (mtime, mtime))
+    assert resolve_resume("auto", tmp_path) == str(folder / "last.ckpt")
+    (folder / "last.ckpt").unlink()
+    assert resolve_resume("auto", tmp_path) == str(folder / "epoch000-step3.ckpt")
+
+
 def test_checkpoint_killed_while_written_leaves_the_previous_one(tmp_path):
     """SIGKILL while AtomicCheckpointIO rewrites last.ckpt: the file still loads, whole."""
     path = tmp_path / "last.ckpt"
