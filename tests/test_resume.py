@@ -116,7 +116,8 @@ def test_chaos_sigterm_and_sigkill_at_random_steps(tmp_path, cache, straight):
     rng = random.Random(3)
     plan = [(step, rng.choice(["SIGTERM", "SIGKILL"])) for step in sorted(rng.sample(range(1, 7), 4))]
     assert {name for _, name in plan} == {"SIGTERM", "SIGKILL"}, plan
-    here = [f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1", "callbacks.periodic_checkpoint.every_n_train_steps=1"]
+    here = [f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1",
+            "callbacks.periodic_checkpoint.every_n_train_steps=1"]
     outs = _runs(tmp_path, cache, *[[*here, "resume=auto", *_signal(step, name)] for step, name in plan],
                  [*here, "resume=auto"])
     assert [code for code, _ in outs] == [143 if name == "SIGTERM" else -9 for _, name in plan] + [0], plan
