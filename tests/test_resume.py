@@ -1,60 +1,189 @@
-"""Preemption + exact resume: 4 steps straight == 2 steps, SIGTERM, resume, 2 more steps."""
+"""Stop signals, atomic checkpoints, resume=auto and exact resume: interrupted and resumed runs end with
+bitwise the weights of one uninterrupted run (6 steps: 2 epochs of 3 batches)."""
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_cli import ROOT, TINY_DATA
 
-RUN = [*TINY_DATA, "data.max_images=4", "trainer.max_epochs=2", "logger=[csv]", "trainer.enable_progress_bar=false",
+HELPERS = Path(__file__).parent / "helpers"
+RUN = [*TINY_DATA, "data.max_images=6", "trainer.max_epochs=2", "logger=[csv]", "trainer.enable_progress_bar=false",
        "+experiment=quickstart", "++backbone.model_kwargs.depth=1", "eval_before_after=false", "method.queue_size=16"]
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
 
-def _train(run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DENSESSL_CACHE": str(cache),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "helpers"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={run_dir}", *RUN, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "DENSESSL_CACHE": str(cache),
+            "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
 
 
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    return state["state_dict"]
+def _runs(tmp_path: Path, cache: Path, *runs: list[str] | tuple[list[str], dict], cwd: Path = ROOT
+          ) -> list[tuple[int, str]]:
+    """(exit code, output) of train.py runs in order (args, or (args, extra env)), forked from one
+    process (helpers/forked_runs.py) so that each starts without re-importing torch."""
+    specs = []
+    for i, run in enumerate(runs):
+        args, env = run if isinstance(run, tuple) else (run, {})
+        specs.append({"args": [*RUN, *args], "env": env, "cwd": str(cwd), "log": str(tmp_path / f"run{i}.log")})
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(specs))
+    proc = subprocess.run([sys.executable, str(HELPERS / "forked_runs.py"), str(spec)], cwd=ROOT, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [(code, Path(s["log"]).read_text()) for code, s in zip(codes, specs)]
 
 
-def test_sigterm_checkpoint_then_resume_matches_straight_run(tmp_path):
-    cache = tmp_path / "cache"
-    straight = _train(tmp_path / "a", cache)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train(tmp_path / "b", cache, "+callbacks.kill._target_=sigterm_callback.SigtermAtStep",
-                    "+callbacks.kill.step=2")
-    assert "received SIGTERM: checkpoint written" in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
-    first = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert first["global_step"] == 2
-    resumed = _train(tmp_path / "b", cache, "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = _weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
-    b = _weights(tmp_path / "b" / "checkpoints" / "last.ckpt")
+def _signal(step: int, name: str) -> list[str]:
+    return ["+callbacks.kill._target_=signal_callback.SignalAtStep", f"+callbacks.kill.step={step}",
+            f"+callbacks.kill.signal={name}"]
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] == 6
+    a, b = a["state_dict"], b["state_dict"]
     assert a.keys() == b.keys()
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     for k in a:  # student, teacher, heads and the NeCo queues
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
-def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache) -> dict:
+    """last.ckpt of the uninterrupted run (data.num_workers=0)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    [(code, out)] = _runs(tmp, cache, [f"hydra.run.dir={tmp / 'run'}"])
+    assert code == 0, out[-3000:]
+    return _checkpoint(tmp / "run")
+
+
+def test_stop_signals_checkpoint_exit_nonzero_and_resume_exactly(tmp_path, cache, straight):
+    """TERM at step 1, USR1 at step 3 (an epoch's end; SLURM: requeued by scontrol), USR2 at step 5
+    (SLURM without scontrol); each resume continues in place (last.ckpt, no last-v1.ckpt)."""
+    run, fake = tmp_path / "run", tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake / "scontrol").chmod(0o755)
+    here = [f"hydra.run.dir={run}"]
+    outs = _runs(tmp_path, cache, [*here, *_signal(1, "SIGTERM")],
+                 ([*here, "resume=auto", *_signal(3, "SIGUSR1")], {**SLURM, "PATH": f"{fake}:{os.environ['PATH']}"}),
+                 ([*here, "resume=auto", *_signal(5, "SIGUSR2")], SLURM), [*here, "resume=auto"])
+    expected = [(143, "SIGTERM", 1), (138, "SIGUSR1", 3), (140, "SIGUSR2", 5)]
+    for (code, out), (want, name, step) in zip(outs, expected):
+        assert code == want, out[-3000:]
+        assert f"received {name}: checkpoint written to {run / 'checkpoints' / 'last.ckpt'} at step {step}" in out
+    for (_, out), (_, _, step) in zip(outs[1:], expected):
+        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {step})" in out
+    assert "SLURM job 4242 requeued" in outs[1][1] and "scontrol not found: SLURM job 4242 not requeued" in outs[2][1]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert outs[-1][0] == 0, outs[-1][1][-3000:]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["epoch000-step3.ckpt", "epoch001-step6.ckpt", "last.ckpt"], names
+    _assert_same_weights(_checkpoint(run), straight)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_mid_epoch_stops_resume_exactly(tmp_path, cache, straight, workers):
+    """SIGTERM after 2 of epoch 0's 3 batches, SIGINT (exit 130) after 1 of epoch 1's; with a
+    data-loader worker the signals reach it too (the whole process group). Same weights as the
+    straight 0-worker run."""
+    here = [f"hydra.run.dir={tmp_path / 'run'}", f"data.num_workers={workers}"]
+    outs = _runs(tmp_path, cache, [*here, *_signal(2, "SIGTERM")], [*here, "resume=auto", *_signal(4, "SIGINT")],
+                 [*here, "resume=auto"])
+    assert [code for code, _ in outs] == [143, 130, 0], outs[-1][1][-3000:]
+    assert "received SIGINT: checkpoint written" in outs[1][1] and "(step 4)" in outs[2][1]
+    _assert_same_weights(_checkpoint(tmp_path / "run"), straight)
+
+
+def test_chaos_sigterm_and_sigkill_at_random_steps(tmp_path, cache, straight):
+    """Killed four times at seeded random steps by SIGTERM or SIGKILL (a checkpoint every step, so a
+    SIGKILL loses only the step in progress), resumed each time, one data-loader worker."""
+    rng = random.Random(3)
+    plan = [(step, rng.choice(["SIGTERM", "SIGKILL"])) for step in sorted(rng.sample(range(1, 7), 4))]
+    assert {name for _, name in plan} == {"SIGTERM", "SIGKILL"}, plan
+    here = [f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1",
+            "callbacks.periodic_checkpoint.every_n_train_steps=1"]
+    outs = _runs(tmp_path, cache, *[[*here, "resume=auto", *_signal(step, name)] for step, name in plan],
+                 [*here, "resume=auto"])
+    assert [code for code, _ in outs] == [143 if name == "SIGTERM" else -9 for _, name in plan] + [0], plan
+    for (_, out), (step, name) in zip(outs[1:], plan):  # a SIGKILL during step s resumes from s - 1
+        assert f"(step {step if name == 'SIGTERM' else step - 1})" in out, out[-3000:]
+    _assert_same_weights(_checkpoint(tmp_path / "run"), straight)
+
+
+def test_resume_auto_relaunch_finds_its_run_folder(tmp_path, cache, straight):
+    """Without hydra.run.dir, resume=auto puts the run in runs/auto/<method>_<config hash>. The same
+    command (preempted by SIGTERM at step 2: the step comes from the environment, so the command does
+    not change) continues it to the straight run's weights; with a larger max_epochs/max_steps it
+    continues further; another config gets another folder."""
+    kill = ["+callbacks.kill._target_=signal_callback.SignalAtStep", "+callbacks.kill.step=${oc.env:KILL_STEP,0}",
+            "resume=auto"]
+    outs = _runs(tmp_path, cache, (kill, {"KILL_STEP": "2"}), kill, [*kill, "seed=1", "trainer.max_steps=1"],
+                 [*kill, "trainer.max_epochs=3", "trainer.max_steps=7"], cwd=tmp_path)
+    assert [code for code, _ in outs] == [143, 0, 0, 0], outs[0][1][-3000:]
+    folders = sorted((tmp_path / "runs" / "auto").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("neco_") for f in folders), folders
+    first = next(f for f in folders if f"runs/auto/{f.name}/" in outs[0][1])
+    assert "resume=auto: nothing to resume" in outs[0][1] and "resume=auto: nothing to resume" in outs[2][1]
+    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'} (step 2)" in outs[1][1]
+    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'} (step 6)" in outs[3][1]
+    _assert_same_weights(torch.load(first / "checkpoints" / "epoch001-step6.ckpt", weights_only=False), straight)
+    assert _checkpoint(first)["global_step"] == 7
+
+
+def test_resume_auto_takes_last_ckpt_else_the_newest(tmp_path):
+    from densessl.training import resolve_resume
+
+    folder = tmp_path / "checkpoints"
+    assert resolve_resume("auto", tmp_path) is None
+    folder.mkdir()
+    for name, mtime in (("epoch001-step6.ckpt", 2), ("epoch000-step3.ckpt", 3), ("last.ckpt", 1)):
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, (mtime, mtime))
+    assert resolve_resume("auto", tmp_path) == str(folder / "last.ckpt")
+    (folder / "last.ckpt").unlink()
+    assert resolve_resume("auto", tmp_path) == str(folder / "epoch000-step3.ckpt")
+
+
+def test_checkpoint_killed_while_written_leaves_the_previous_one(tmp_path):
+    """SIGKILL while AtomicCheckpointIO rewrites last.ckpt: the file still loads, whole."""
+    path = tmp_path / "last.ckpt"
+    code = (f"import torch; from densessl.callbacks import AtomicCheckpointIO; io = AtomicCheckpointIO()\n"
+            f"io.save_checkpoint({{'v': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
+            f"while True: io.save_checkpoint({{'v': torch.ones(2 ** 24)}}, {str(path)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env(tmp_path))
+    assert proc.stdout.readline() == "ready\n"
+    partial = tmp_path / "last.ckpt.partial"
+    while not (partial.exists() and partial.stat().st_size > 0):
+        pass
+    proc.kill()
+    proc.wait()
+    saved = torch.load(path, weights_only=True)["v"]
+    assert saved.numel() in (1, 2 ** 24) and saved.sum() in (0, 2 ** 24)
+
+
+def test_unreadable_or_foreign_checkpoint_on_resume_is_a_clear_error(tmp_path, cache):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    proc = _train(tmp_path / "c", tmp_path / "cache", f"resume={bad}")
-    assert proc.returncode == 2
-    assert "bad.ckpt" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_checkpoint_of_another_model_on_resume_is_a_clear_error(tmp_path):
-    cache = tmp_path / "cache"
-    first = _train(tmp_path / "a", cache, "trainer.max_epochs=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    proc = _train(tmp_path / "b", cache, "method.head.out_dim=64", f"resume={tmp_path / 'a'}")
-    assert proc.returncode == 2
-    assert "does not match this model" in proc.stderr and "Traceback" not in proc.stderr
+    outs = _runs(tmp_path, cache, [f"hydra.run.dir={tmp_path / 'c'}", f"resume={bad}"],
+                 [f"hydra.run.dir={tmp_path / 'a'}", "trainer.max_epochs=1"],
+                 [f"hydra.run.dir={tmp_path / 'b'}", "method.head.out_dim=64", f"resume={tmp_path / 'a'}"])
+    assert [code for code, _ in outs] == [2, 0, 2], outs[1][1][-3000:]
+    assert "error: cannot read checkpoint" in outs[0][1] and "bad.ckpt" in outs[0][1]
+    assert "does not match this model" in outs[2][1]
+    assert not any("Traceback" in out for _, out in outs)

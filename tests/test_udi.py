@@ -287,6 +287,16 @@ def test_step_teacher_copy_grad_clip_and_last_layer_freeze(tiny):
     assert m.student_backbone.cls_plus_token.grad is not None
 
 
+def test_flip_colour_and_srs_stream_resumes_from_a_checkpoint():
+    m = _tiny_udi()
+    torch.rand(3, generator=m.stream())
+    checkpoint = {}
+    m.on_save_checkpoint(checkpoint)
+    resumed = _tiny_udi()
+    resumed.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(5, generator=resumed.stream()), torch.rand(5, generator=m.stream()))
+
+
 def test_colour_branches_per_image():
     m = _tiny_udi(color=dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
                   color_alt=dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=1.0), color_alt_p=0.5)

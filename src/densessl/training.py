@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,43 @@ def build_dataset(cfg: DictConfig, split: str) -> Any:
     return hydra.utils.instantiate(node)
 
 
+# Keys that do not define an experiment: a relaunch that changes them continues the same run folder.
+AUTO_RUN_IGNORES = ("hydra", "resume", "trainer.max_epochs", "trainer.max_steps")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """8 hex digits of the composed config minus AUTO_RUN_IGNORES. Interpolations stay unresolved:
+    some point into Hydra's runtime, which is not set while the run folder is being chosen."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for key in AUTO_RUN_IGNORES:
+        *parents, leaf = key.split(".")
+        node = functools.reduce(lambda d, k: d.get(k, {}) if isinstance(d, dict) else {}, parents, tree)
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_folder(default: str, *, _root_: DictConfig) -> str:
+    """``hydra.run.dir``: ``default`` (timestamped), or with resume=auto runs/auto/<method>_<config_hash>,
+    the same folder for every launch of the same command, so that a relaunch finds its checkpoints."""
+    if _root_.get("resume") != "auto":
+        return default
+    return f"runs/auto/{_root_.method.name}_{config_hash(_root_)}"
+
+
+if not OmegaConf.has_resolver("densessl.run_folder"):
+    OmegaConf.register_new_resolver("densessl.run_folder", run_folder)
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or 'auto' (this run's last.ckpt)."""
+    """A checkpoint file, a run folder (its checkpoints/last.ckpt), or 'auto': this run folder's
+    last.ckpt, else its newest checkpoint, else None (nothing to resume)."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        folder = run_dir / "checkpoints"
+        found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
+        return str(found[-1]) if found else None
     path = Path(resume).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
@@ -52,14 +84,15 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def check_resume_checkpoint(path: str, model: L.LightningModule) -> None:
-    """Fail before training, with the file named, when a checkpoint is unreadable or belongs to another
-    model: never a silent restart from scratch."""
+def check_resume_checkpoint(path: str, model: L.LightningModule) -> int:
+    """The checkpoint's global step. Fails before training, with the file named, when a checkpoint is
+    unreadable or belongs to another model: never a silent restart from scratch."""
     import torch
 
     others = sorted(str(p.name) for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
         keys = set(state)
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}). It may be truncated "
@@ -71,11 +104,15 @@ def check_resume_checkpoint(path: str, model: L.LightningModule) -> None:
         raise ValueError(f"checkpoint {path} does not match this model: missing {sorted(set(own) - keys)[:5]}, "
                          f"unexpected {sorted(keys - set(own))[:5]}, other shapes {shapes[:5]}. Resume with the "
                          f"same method/backbone config as the run that wrote it (its config.yaml).")
+    return int(checkpoint.get("global_step", 0))
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
-    from densessl.callbacks import DenseEvalCallback
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from densessl.callbacks import AtomicCheckpointIO, DenseEvalCallback
+    from densessl.callbacks.preemption import ignore_stop_signals
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
 
@@ -84,13 +121,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = build_method(cfg)
     dm = SSLDataModule(build_dataset(cfg, "train"), model.train_transform(), model.collate_fn,
                        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                       max_images=cfg.data.max_images, with_labels=model.uses_labels)
+                       max_images=cfg.data.max_images, seed=cfg.seed, worker_init_fn=ignore_stop_signals,
+                       with_labels=model.uses_labels)
     val = build_dataset(cfg, "val") if cfg.eval_before_after else None
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # requeueing is PreemptionCheckpoint's, at a step boundary (see there)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    # The datamodule's sampler shards the data across ranks itself and is resumable mid-epoch.
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers, callbacks=callbacks,
-                        default_root_dir=str(run_dir))
+                        default_root_dir=str(run_dir), plugins=plugins, use_distributed_sampler=False)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(hparams)
@@ -100,8 +142,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary["before"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
     ckpt = resolve_resume(cfg.resume, run_dir)
     if ckpt is not None:
-        check_resume_checkpoint(ckpt, model)
-        print(f"resuming from {ckpt}", flush=True)
+        print(f"resuming from {ckpt} (step {check_resume_checkpoint(ckpt, model)})", flush=True)
+    elif cfg.resume == "auto":
+        print(f"resume=auto: nothing to resume in {run_dir / 'checkpoints'}, starting from scratch", flush=True)
+    # Lightning warns on a mid-epoch resume unless the DataLoader itself is stateful; here the
+    # datamodule's checkpointed state restores the loader's position.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     summary["train_seconds"] = time.perf_counter() - start

@@ -76,7 +76,6 @@ class SSLMethod(L.LightningModule):
         # are saved in checkpoints with the global RNG states for exact resume.
         self._generators: dict[str, torch.Generator] = {}
         self._pending_generator_states: dict[str, Tensor] = {}
-        self._last_ema_step = -1
 
     def configure_model(self) -> None:
         # nn.Module.compile works in place, so state-dict keys (checkpoints, exports) do not change.
@@ -243,16 +242,16 @@ class SSLMethod(L.LightningModule):
             if group["apply_wd"]:
                 group["weight_decay"] = cosine_schedule(step, total, wd, final_wd)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimiser step (not per accumulated micro-batch), after the update as DINO does.
-        # (NeCo's reference updates inside training_step, i.e. before the step: one step of lag.)
-        step = self.global_step - 1
-        if self.teacher_cfg is None or step < 0 or step == self._last_ema_step:
-            return
-        self._last_ema_step = step
-        m = self.momentum_at(step)
-        ema_update(self.momentum_pairs(), m)
-        self.log("train/momentum", m)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA right after the update (as DINO), once per optimiser step (not per accumulated
+        # micro-batch). Here rather than in on_train_batch_end, which runs after the callbacks' hook:
+        # a checkpoint written there (periodic, or on a stop signal) must already hold this step's
+        # teacher. (NeCo's reference updates inside training_step, i.e. before the step: one step of lag.)
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher_cfg is not None:  # global_step still counts the steps before this one
+            m = self.momentum_at(self.global_step)
+            ema_update(self.momentum_pairs(), m)
+            self.log("train/momentum", m)
 
     def momentum_at(self, step: int) -> float:
         cfg = self.teacher_cfg

@@ -79,7 +79,6 @@ class UDI(SSLMethod):
         self.hflip_p, self.color_alt_p = hflip_p, color_alt_p
         self.color_alt = ColorAugment(**color_alt) if color_alt else None
         self.freeze_last_layer_epochs, self.clip_grad, self.seed = freeze_last_layer_epochs, clip_grad, seed
-        self._generator: torch.Generator | None = None
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return super().momentum_pairs() + [(self.student_head, self.teacher_head)]
@@ -91,17 +90,16 @@ class UDI(SSLMethod):
     def train_transform(self) -> UDIMultiCrop:
         return UDIMultiCrop(**self.crops_cfg)
 
-    def generator(self) -> torch.Generator:
-        """CPU generator of flips, colour branches and SRS draws (a private stream, seeded per rank)."""
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed + self.global_rank)
-        return self._generator
+    def stream(self) -> torch.Generator:
+        """CPU generator of flips, colour branches and SRS draws: a private stream seeded per rank, in
+        checkpoints with the other generators (exact resume)."""
+        return self.generator("udi", torch.device("cpu"), self.seed)
 
     # ------------------------------------------------------------------ augmentation on device
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not (self._trainer is not None and self.trainer.training and isinstance(batch, dict) and "crops" in batch):
             return batch
-        gen, boxes = self.generator(), batch["boxes"].clone()
+        gen, boxes = self.stream(), batch["boxes"].clone()
         crops = []
         for i, c in enumerate(batch["crops"]):
             c, boxes[:, i] = random_hflip(c, boxes[:, i], self.hflip_p, gen)
@@ -151,7 +149,7 @@ class UDI(SSLMethod):
         s = self.student_backbone.forward_features(torch.cat(crops[:2]))
         s_loc = self.student_backbone.forward_features(torch.cat(crops[2:])) if n_local else None
 
-        gen, grid = self.generator(), s["grid"]
+        gen, grid = self.stream(), s["grid"]
         cells = stratified_cells(b, grid, self.windows[0], gen).to(dev)
         local_cells = stratified_cells(b, s_loc["grid"], self.windows[1], gen).to(dev) if n_local else None
         points, valid = self.teacher_points(cells, grid, local_cells, s_loc["grid"] if n_local else None, boxes)

@@ -1,0 +1,42 @@
+"""Test-only: several runs of experiments/train.py in a row, each in its own process forked from this
+one, so that torch, Lightning and Hydra are imported once (a fresh interpreter spends ~15 s importing
+them on the test machine). Each run is a real process, in its own process group: signals, exit
+statuses and files are those of `python experiments/train.py ARGS`.
+
+python forked_runs.py SPEC.json, SPEC a list of {"args": [...], "env": {...}, "cwd": dir, "log": file}
+(stdout and stderr of the run). Prints the exit codes as one JSON list (-N: killed by signal N)."""
+import json
+import multiprocessing
+import os
+import runpy
+import sys
+from pathlib import Path
+
+TRAIN = Path(__file__).resolve().parents[2] / "experiments" / "train.py"
+
+
+def run(spec: dict) -> None:
+    os.setpgrp()
+    log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.update(spec.get("env", {}))
+    os.chdir(spec.get("cwd", os.getcwd()))
+    sys.argv = [str(TRAIN), *spec["args"]]
+    runpy.run_path(str(TRAIN), run_name="__main__")
+
+
+if __name__ == "__main__":
+    import hydra  # noqa: F401  the slow imports, once
+    import lightning  # noqa: F401
+
+    import densessl.methods  # noqa: F401
+    import densessl.training  # noqa: F401
+
+    codes = []
+    for spec in json.loads(Path(sys.argv[1]).read_text()):
+        proc = multiprocessing.get_context("fork").Process(target=run, args=(spec,))
+        proc.start()
+        proc.join()
+        codes.append(proc.exitcode)
+    print(json.dumps(codes))
