@@ -142,7 +142,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     summary["train_seconds"] = time.perf_counter() - start
-    summary["skipped_images"] = [str(p) for d in (dm.dataset, val) for p in skipped_files(d)]
     if val is not None:
         summary["after"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
         if trainer.is_global_zero:
@@ -162,6 +161,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for lg in loggers:
                 lg.save()
 
+    summary["skipped_images"] = [str(p) for d in (dm.dataset, val) for p in skipped_files(d)]  # after every read
     figures: dict[str, float] = {"train_seconds": summary["train_seconds"], "steps": float(trainer.global_step),
                                  "skipped_images": float(len(summary["skipped_images"]))}
     loss = trainer.callback_metrics.get("train/loss")
