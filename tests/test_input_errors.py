@@ -51,7 +51,7 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path, policy):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"skipped images : 1 that do not decode (data.on_bad_image=skip; each named in the log): {bad}" \
             in proc.stdout
-        assert f"skipped cannot read image {bad}" in proc.stdout + proc.stderr  # the log line
+        assert f"data.on_bad_image=skip: cannot read image {bad}" in proc.stdout + proc.stderr  # the log line
 
 
 @pytest.mark.parametrize("script,options", [("linear", LINEAR), ("overcluster", OVERCLUSTER)])

@@ -222,7 +222,8 @@ class _FileDataset(Dataset):
                                         f"skip files that do not decode (each is logged and counted)") from err
                 if not self._skipped[i]:
                     self._skipped[i] = True
-                    log.warning("data.on_bad_image=skip: skipped %s (%d skipped so far)", err, int(self._skipped.sum()))
+                    log.warning("data.on_bad_image=skip: %s; skipped, the next image is used instead (%d skipped so "
+                                "far)", err, int(self._skipped.sum()))
         raise BadImageError(f"no file under {self.config_key} decodes; every item was skipped")
 
 
