@@ -18,11 +18,14 @@ from densessl.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ADE20KSegmentation,
+    BadImageError,
     ImageFolderDataset,
     SegTransform,
     VOCSegmentation,
     ensure_synthetic_voc,
     make_synthetic_voc,
+    read_image,
+    skipped_files,
     voc_colormap,
 )
 
@@ -301,15 +304,74 @@ def test_voc_items_and_metadata(small_voc):
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
 
 
-def test_corrupt_image_error_names_the_file(small_voc, tmp_path):
+def test_corrupt_image_error_names_the_file_and_the_option(small_voc, tmp_path):
     ds = VOCSegmentation(small_voc)
     ds.images[0].write_bytes(ds.images[0].read_bytes()[:200])  # truncated JPEG
-    with pytest.raises(RuntimeError, match=f"cannot read image {ds.images[0]}"):
+    with pytest.raises(BadImageError, match=f"cannot read image {ds.images[0]}.*data.on_bad_image=skip"):
         ds[0]
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "bad.jpg").write_bytes(b"definitely not a jpeg")
-    with pytest.raises(RuntimeError, match="cannot read image .*bad.jpg"):
+    with pytest.raises(BadImageError, match="cannot read image .*bad.jpg"):
         ImageFolderDataset(tmp_path / "folder")[0]
+
+
+def test_skip_bad_image_logs_counts_and_serves_the_next(small_voc, caplog):
+    ds = VOCSegmentation(small_voc, on_bad_image="skip")
+    half = ds.images[0].read_bytes()
+    ds.images[0].write_bytes(half[: len(half) // 2])  # a JPEG cut in half
+    with caplog.at_level("WARNING", logger="densessl"):
+        image, mask = ds[0]
+        ds[0]  # the same file again: logged and counted once
+    assert image.size == mask.size and np.array_equal(np.asarray(mask), np.asarray(ds[1][1]))
+    assert skipped_files(torch.utils.data.Subset(ds, [0, 1])) == [ds.images[0]]
+    assert len(caplog.records) == 1 and str(ds.images[0]) in caplog.text and "1 skipped" in caplog.text
+    with pytest.raises(ValueError, match="data.on_bad_image must be 'error' or 'skip'"):
+        VOCSegmentation(small_voc, on_bad_image="ignore")
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    gradient = (np.arange(64 * 256, dtype=np.uint32).reshape(64, 256) * 4).astype(np.uint16)  # 0..65532
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # I;16 (or I in older Pillow)
+    rgb = np.asarray(read_image(tmp_path / "g16.png")).astype(np.float64)
+    assert rgb.shape == (64, 256, 3) and np.abs(rgb - (gradient / 257.0)[..., None]).max() <= 1.0
+    as_int = Image.fromarray(gradient.astype(np.int32))  # mode I
+    as_float = Image.fromarray((gradient / 65535.0).astype(np.float32))  # mode F in [0, 1]
+    for im, name in ((as_int, "i.tif"), (as_float, "f.tif")):
+        im.save(tmp_path / name)
+        assert np.abs(np.asarray(read_image(tmp_path / name))[..., 0] - gradient / 257.0).max() <= 1.0
+
+
+def test_mask_ids_outside_the_classes_name_the_file(small_voc):
+    ds = VOCSegmentation(small_voc)  # 7 classes (classes.txt)
+    labels = np.asarray(Image.open(ds.masks[1])).copy()
+    labels[:4, :4] = 30
+    mask = Image.fromarray(labels, mode="P")
+    mask.putpalette(voc_colormap().flatten().tolist())
+    mask.save(ds.masks[1])
+    ds[0]  # the other masks are fine (255 = ignore is allowed)
+    with pytest.raises(ValueError) as err:
+        ds[1]
+    msg = str(err.value)
+    assert str(ds.masks[1]) in msg and "[30]" in msg and "num_classes=7" in msg
+    assert f"data.root={small_voc}" in msg and "data=" in msg
+
+
+def test_coco_image_folder_hints_name_data_root(tmp_path):
+    coco = tmp_path / "coco"
+    (coco / "train2017").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(coco / "train2017" / "000000000009.jpg")
+    hints = {coco: "mv train2017 images/", coco / "train2017": f"set data.root={coco},"}
+    for root, hint in hints.items():
+        with pytest.raises(FileNotFoundError) as err:
+            ImageFolderDataset(root, subdir="images/train2017")
+        assert hint in str(err.value) and "images/train2017/" in str(err.value), str(err.value)
+    (coco / "images").mkdir()
+    (coco / "train2017").rename(coco / "images" / "train2017")
+    for root in (coco / "images", coco / "images" / "train2017"):
+        with pytest.raises(FileNotFoundError, match=f"set data.root={coco}\\n"):
+            ImageFolderDataset(root, subdir="images/train2017")
+    assert len(ImageFolderDataset(coco, subdir="images/train2017")) == 1
 
 
 def test_colour_rendered_mask_is_rejected(small_voc):

@@ -31,10 +31,16 @@ def test_neptune_offline_records_params_metrics_steps_and_config(tmp_path, monke
     assert any(o["path"] == ["config", "resolved"] for o in ops)
 
 
-def test_neptune_needs_a_project_online(monkeypatch):
+def test_neptune_needs_a_project_and_a_token_online(monkeypatch):
     monkeypatch.delenv("NEPTUNE_PROJECT", raising=False)
+    monkeypatch.delenv("NEPTUNE_API_TOKEN", raising=False)
     with pytest.raises(ValueError, match="NEPTUNE_PROJECT"):
         NeptuneLogger(mode="async")
+    with pytest.raises(ValueError, match=r"needs NEPTUNE_API_TOKEN \(or logger.neptune.api_token=...\); .*"
+                                         r"NEPTUNE_MODE=offline") as err:
+        NeptuneLogger(project="team/project", mode="async")
+    assert "NEPTUNE_PROJECT" not in str(err.value) and "\n" not in str(err.value)
+    NeptuneLogger(project="team/project", mode="debug")  # no token needed
 
 
 def test_mlflow_local_store_reads_back(tmp_path):

@@ -222,3 +222,62 @@ def test_grad_checkpointing_gives_the_same_tokens_and_gradients():
         assert calls == [1, 2]  # the checkpointed block ran again in backward
         torch.testing.assert_close(grads[0][0], grads[1][0])
         torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_optim_and_teacher_options_reject_unknown_keys():
+    from densessl.methods import NeCo
+
+    kw = dict(backbone=dict(TINY), head=dict(hidden_dim=16, out_dim=8), queue_size=0)
+    method = NeCo(optim=dict(lr=1e-3, weight_decay=0.04), teacher=dict(momentum=0.99), **kw)
+    assert (method.optim_cfg.head_lr, method.optim_cfg.final_weight_decay) == (1e-3, 0.04)  # defaults follow lr, wd
+    assert (method.teacher_cfg.momentum, method.teacher_cfg.final_momentum) == (0.99, 1.0)
+    with pytest.raises(ValueError, match=r"method.optim.lrr is not an option \(did you mean method.optim.lr\?\); "
+                                         r"valid keys of method.optim: lr, name, head_lr"):
+        NeCo(optim=dict(lr=1e-3, lrr=0.1), **kw)
+    with pytest.raises(ValueError, match="method.optim.lr is required"):
+        NeCo(optim=dict(head_lr=0.1), **kw)
+    with pytest.raises(ValueError, match="method.teacher.final_momentun is not an option"):
+        NeCo(optim=dict(lr=1e-3), teacher=dict(momentum=0.99, final_momentun=1.0), **kw)
+
+
+def test_crop_sizes_are_checked_against_the_patch_size_at_start_up():
+    from densessl.methods import NeCo
+
+    with pytest.raises(ValueError, match="method.crops.local_size=30 is not a multiple of the patch size 8 of "
+                                         "backbone 'vit_tiny': set method.crops.local_size=24 or 32"):
+        NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), crops=dict(global_size=64, local_size=30))
+    Backbone("resnet50").check_input_size(100, "any")  # CNNs take any size
+
+
+def test_non_finite_loss_lists_the_terms_of_the_step(monkeypatch):
+    import densessl.methods.neco as neco
+    from densessl.methods import NonFiniteLossError
+    from densessl.transforms import MultiCropWithBoxes, collate_multicrop
+    from PIL import Image
+
+    torch.manual_seed(0)
+    method = neco.NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), roi_size=3,
+                       queue_size=0, crops=dict(global_size=32, local_size=16, n_local=1))
+    image = Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy())
+    batch = collate_multicrop([method.train_transform()(image) for _ in range(2)])
+    batch["crops"] = [method.color(c) for c in batch["crops"]]
+    monkeypatch.setattr(neco, "neco_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"terms: \{'loss': nan, 'student_tokens_nonfinite': 0.0\}"):
+        method.training_step(batch, 0)
+    # every scalar term of the objective reaches the message, plain numbers too (DenseCL's loss_lambda)
+    terms = {"loss": torch.tensor(float("inf")), "local": torch.tensor(1.5), "loss_lambda": 0.5}
+    monkeypatch.setattr(method, "compute_loss", lambda batch: dict(terms))
+    with pytest.raises(NonFiniteLossError, match=r"terms: \{'loss': inf, 'local': 1.5, 'loss_lambda': 0.5\}"):
+        method.training_step(batch, 0)
+
+
+def test_corrupt_weights_file_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(WeightsError, match=f"cannot read backbone.weights={path} .*corrupt"):
+        Backbone(**TINY, weights=str(path))
+    with pytest.raises(WeightsError, match=f"cannot read weights={path}"):
+        Backbone(**TINY, weights=str(path), weights_key="weights")
+    torch.save([1, 2], path)
+    with pytest.raises(WeightsError, match="holds a list, not a checkpoint dict"):
+        Backbone(**TINY, weights=str(path))

@@ -18,6 +18,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from densessl.data.datamodule import SSLDataModule, prepare_root
+from densessl.data.datasets import skipped_files
 
 log = logging.getLogger("densessl")
 
@@ -107,6 +108,38 @@ def check_resume_checkpoint(path: str, model: L.LightningModule) -> int:
     return int(checkpoint.get("global_step", 0))
 
 
+def check_trainer(options: dict[str, Any]) -> None:
+    """``trainer.*`` options that Lightning would reject late or with a traceback: unknown keys (e.g.
+    through Hydra's ``+trainer.key=`` hint) and a GPU accelerator on a machine without one."""
+    import inspect
+
+    import torch
+
+    from densessl.methods.base import check_keys
+
+    ours = ("self", "logger", "callbacks", "default_root_dir")  # set by train() from other config groups
+    valid = [k for k in inspect.signature(L.Trainer.__init__).parameters if k not in ours]
+    check_keys(options, valid, "trainer", "see the arguments of lightning.Trainer (loggers and callbacks "
+                                          "come from the logger= and callbacks= groups)")
+    if str(options.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={options['accelerator']} (trainer=gpu/ddp) but this machine has no "
+                         f"usable CUDA GPU (torch.cuda.is_available() is False): train on the CPU with trainer=cpu, "
+                         f"or keep the DDP strategy with trainer.accelerator=cpu trainer.devices=<processes>.")
+
+
+def check_eval_sizes(cfg: DictConfig, backbone: Any) -> None:
+    """Every evaluation input size that training will use is a multiple of the patch size: checked at
+    start-up, naming the key the user sets (``overcluster.image_size`` when a callback interpolates it)."""
+    sizes = [("overcluster.image_size", cfg.overcluster.image_size)] if cfg.eval_before_after else []
+    for name, node in (cfg.callbacks or {}).items():
+        if node is not None and "image_size" in node:
+            raw = OmegaConf.to_container(node, resolve=False)["image_size"]
+            key = raw[2:-1] if isinstance(raw, str) and raw.startswith("${") else f"callbacks.{name}.image_size"
+            sizes.append((key, node.image_size))
+    for key, size in sizes:
+        backbone.check_input_size(size, key)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -116,14 +149,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
 
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer(trainer_options)
     L.seed_everything(cfg.seed, workers=True)
     prepare_root(cfg.data)
-    model = build_method(cfg)
-    dm = SSLDataModule(build_dataset(cfg, "train"), model.train_transform(), model.collate_fn,
-                       batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                       max_images=cfg.data.max_images, seed=cfg.seed, worker_init_fn=ignore_stop_signals,
-                       with_labels=model.uses_labels)
+    # Datasets first: a wrong data root is the likelier mistake and is reported before other config errors.
+    train_set = build_dataset(cfg, "train")
     val = build_dataset(cfg, "val") if cfg.eval_before_after else None
+    model = build_method(cfg)
+    check_eval_sizes(cfg, model.eval_backbone)
+    dm = SSLDataModule(train_set, model.train_transform(), model.collate_fn, batch_size=cfg.data.batch_size,
+                       num_workers=cfg.data.num_workers, max_images=cfg.data.max_images, seed=cfg.seed,
+                       worker_init_fn=ignore_stop_signals, with_labels=model.uses_labels)
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
@@ -131,8 +168,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if SLURMEnvironment.detect():  # requeueing is PreemptionCheckpoint's, at a step boundary (see there)
         plugins.append(SLURMEnvironment(auto_requeue=False))
     # The datamodule's sampler shards the data across ranks itself and is resumable mid-epoch.
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers, callbacks=callbacks,
-                        default_root_dir=str(run_dir), plugins=plugins, use_distributed_sampler=False)
+    trainer = L.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+                        plugins=plugins, use_distributed_sampler=False)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(hparams)
@@ -170,7 +207,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for lg in loggers:
                 lg.save()
 
-    figures: dict[str, float] = {"train_seconds": summary["train_seconds"], "steps": float(trainer.global_step)}
+    summary["skipped_images"] = [str(p) for d in (dm.dataset, val) for p in skipped_files(d)]  # after every read
+    figures: dict[str, float] = {"train_seconds": summary["train_seconds"], "steps": float(trainer.global_step),
+                                 "skipped_images": float(len(summary["skipped_images"]))}
     loss = trainer.callback_metrics.get("train/loss")
     if loss is not None:
         figures["final_train_loss"] = float(loss)
@@ -195,6 +234,10 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"resolved config: {summary['config']}",
              f"backbone export: {summary['backbone']}",
              f"training time  : {summary['train_seconds']:.0f} s"]
+    skipped = summary.get("skipped_images")
+    if skipped:
+        lines.append(f"skipped images : {len(skipped)} that do not decode (data.on_bad_image=skip; each named in the "
+                     f"log): {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
     if "picture_after" in summary:
         lines.append(f"pictures       : {summary['picture_before']}, {summary['picture_after']}")
     if "before" in summary:
@@ -212,7 +255,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
 
 
 def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -234,7 +276,17 @@ def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
                 cause = cause.__cause__
             if cause is None or os.environ.get("DENSESSL_DEBUG"):
                 raise
-            print(f"\nerror: {cause}", file=sys.stderr, flush=True)
+            print(f"\nerror: {_message(cause)}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _message(err: BaseException) -> str:
+    """The error's own message: one re-raised from a DataLoader worker carries the worker's traceback
+    ("Caught X in DataLoader worker process N. Original Traceback ..."), whose last entry is the message."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        return text[text.rfind(marker) + len(marker):].strip()
+    return text

@@ -9,11 +9,13 @@ from densessl.data.datasets import (  # noqa: E402
     IGNORE_INDEX,
     VOC_CLASSES,
     ADE20KSegmentation,
+    BadImageError,
     ImageFolderDataset,
     SegTransform,
     VOCSegmentation,
     read_image,
     read_mask,
+    skipped_files,
 )
 from densessl.data.cityscapes import (  # noqa: E402
     CITYSCAPES_CLASSES,
@@ -35,6 +37,7 @@ from densessl.data.synthetic import (  # noqa: E402
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20KSegmentation",
+    "BadImageError",
     "CITYSCAPES_CLASSES",
     "COCOStuffSegmentation",
     "COCO_STUFF_CLASSES",
@@ -53,5 +56,6 @@ __all__ = [
     "make_synthetic_voc",
     "read_image",
     "read_mask",
+    "skipped_files",
     "voc_colormap",
 ]

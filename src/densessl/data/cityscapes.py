@@ -61,8 +61,8 @@ class CityscapesSegmentation(_SegmentationDataset):
         split: str = "train",
         transform: JointTransform | None = None,
         config_key: str = "data.root",
+        on_bad_image: str = "error",
     ) -> None:
-        super().__init__(transform)
         if split not in self.SPLITS:
             raise ValueError(f"CityscapesSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
@@ -80,6 +80,7 @@ class CityscapesSegmentation(_SegmentationDataset):
         self.masks = [mask_dir / p.parent.name / f"{p.name[:-suffix]}_gtFine_labelIds.png" for p in self.images]
         _check_listed_files(self.masks, name, tree, config_key, example)
         self.class_names = CITYSCAPES_CLASSES
+        super().__init__(transform, on_bad_image, config_key)
 
     def _load_mask(self, index: int) -> Image.Image:
         return Image.fromarray(CITYSCAPES_LABEL_TO_TRAIN[np.asarray(read_mask(self.masks[index]))])

@@ -145,8 +145,8 @@ class COCOStuffSegmentation(_SegmentationDataset):
         classes: str = "stuff27",
         transform: JointTransform | None = None,
         config_key: str = "data.root",
+        on_bad_image: str = "error",
     ) -> None:
-        super().__init__(transform)
         self.lut = coco_stuff_lut(classes)
         self.root, self.split, self.classes = Path(root).expanduser(), split, classes
         self.class_names = COCO_STUFF_CLASSES[classes]
@@ -166,6 +166,7 @@ class COCOStuffSegmentation(_SegmentationDataset):
         mask_root = self.root / COCO_MASK_DIR
         self.masks = [mask_root / p.parent.name / f"{p.stem}.png" for p in self.images]
         _check_listed_files(self.images + self.masks, name, tree, config_key, example)
+        super().__init__(transform, on_bad_image, config_key)
 
     def _read_subset(self, name: str, config_key: str) -> list[Path]:
         path = self.root / "subsets" / f"{self.split}.txt"

@@ -7,6 +7,7 @@ not hours into a run. See ``data/README.md`` for download and preparation steps.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from densessl.data import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20KSegmentation",
+    "BadImageError",
     "IGNORE_INDEX",
     "ImageFolderDataset",
     "SegTransform",
@@ -30,7 +32,10 @@ __all__ = [
     "VOC_CLASSES",
     "read_image",
     "read_mask",
+    "skipped_files",
 ]
+
+log = logging.getLogger("densessl")
 
 IGNORE_INDEX = 255
 
@@ -72,6 +77,10 @@ _IMAGE_FOLDER_TREE = """\
 |-- 000000000025.jpg                               <root>/n01443537/yyy.JPEG
 `-- ...                     (searched recursively)"""
 
+_SUBDIR_TREE = """\
+<root>/                     = the dataset folder, e.g. coco/
+`-- {subdir:<24}000000000009.jpg ...  (searched recursively)"""
+
 _VOC_TREE = """\
 <root>/                        = VOCdevkit/VOC2012
 |-- JPEGImages/                2007_000027.jpg ...
@@ -103,13 +112,33 @@ def _layout_error(
     return FileNotFoundError("\n".join(lines))
 
 
+class BadImageError(ValueError):
+    """An image or mask file that does not decode (truncated, corrupt, not an image)."""
+
+
+# PIL modes of high-bit-depth greyscale (16-bit PNG/TIFF: I;16*, 32-bit int: I, float: F), which
+# PIL's convert("RGB") clips at 255 instead of scaling (a 16-bit image comes out nearly white).
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale -> 'L': 16-bit values / 257 (I and F are read as 16-bit values;
+    F images within [0, 1] as fractions of white)."""
+    values = np.asarray(im).astype(np.float64)
+    if im.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 65535.0
+    return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """Load an RGB PIL image; unreadable/corrupt files raise RuntimeError naming the path."""
+    """Load an RGB PIL image (high-bit-depth greyscale scaled to 8 bits); files that do not decode
+    raise BadImageError naming the path."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im.load()
+            return (_to_8bit(im) if im.mode in _HIGH_BIT_MODES else im).convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for bad/truncated files
-        raise RuntimeError(f"cannot read image {path}: {err}") from err
+        raise BadImageError(f"cannot read image {path}: {err}") from err
 
 
 def read_mask(path: str | Path) -> Image.Image:
@@ -119,7 +148,7 @@ def read_mask(path: str | Path) -> Image.Image:
             im.load()
             mask = im.copy()
     except (OSError, SyntaxError, ValueError) as err:
-        raise RuntimeError(f"cannot read image {path}: {err}") from err
+        raise BadImageError(f"cannot read mask {path}: {err}") from err
     if mask.mode not in ("P", "L"):
         raise ValueError(
             f"mask {path} has PIL mode {mask.mode!r}; expected a palette ('P') or grey ('L') PNG "
@@ -160,8 +189,70 @@ def _check_listed_files(
         )
 
 
-class ImageFolderDataset(Dataset):
-    """Unlabelled images found recursively under ``root`` (COCO train2017, ImageNet train, ...).
+class _FileDataset(Dataset):
+    """Items read from files, with the ``data.on_bad_image`` policy for files that do not decode.
+
+    ``error`` raises naming the file and the option; ``skip`` logs the file once (logger "densessl"),
+    marks it and serves the next readable item instead, so a long run survives a few corrupt files.
+    Subclasses fill their file lists before calling ``__init__`` and implement ``_item``/``_path``.
+    """
+
+    def __init__(self, on_bad_image: str, config_key: str) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.on_bad_image, self.config_key = on_bad_image, config_key
+        # (len,) bool in shared memory: DataLoader workers mark what they skip where the main process
+        # reads it (skipped_files).
+        self._skipped = torch.zeros(len(self), dtype=torch.bool).share_memory_() if on_bad_image == "skip" else None
+
+    def _item(self, index: int):
+        raise NotImplementedError
+
+    def _path(self, index: int) -> Path:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            try:
+                return self._item(i)
+            except BadImageError as err:
+                if self._skipped is None:
+                    raise BadImageError(f"{err}. Replace or delete that file, or set data.on_bad_image=skip to "
+                                        f"skip files that do not decode (each is logged and counted)") from err
+                if not self._skipped[i]:
+                    self._skipped[i] = True
+                    log.warning("data.on_bad_image=skip: %s; skipped, the next image is used instead (%d skipped so "
+                                "far)", err, int(self._skipped.sum()))
+        raise BadImageError(f"no file under {self.config_key} decodes; every item was skipped")
+
+
+def skipped_files(dataset: object) -> list[Path]:
+    """The files ``dataset`` skipped under ``data.on_bad_image=skip`` so far, in any DataLoader worker
+    (wrappers with a ``.dataset``, such as Subset, are unwrapped)."""
+    while not isinstance(dataset, _FileDataset) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    marks = getattr(dataset, "_skipped", None)
+    return [] if marks is None else [dataset._path(int(i)) for i in marks.nonzero().flatten()]
+
+
+def _subdir_hint(root: Path, subdir: Path, key: str) -> str:
+    """Why ``root / subdir`` is missing, for the usual mistakes (root inside the dataset, images one
+    level up, images not unpacked)."""
+    for k in range(len(subdir.parts), 0, -1):  # root is images/ or images/train2017 itself
+        if root.parts[-k:] == subdir.parts[:k]:
+            return f"{root} is inside the dataset folder: set {key}={root.parents[k - 1]}"
+    if root.name == subdir.name:
+        return f"{root} is the image folder itself: set {key}={root.parent}, with the images in {subdir}/ below it"
+    if (root / subdir.name).is_dir():
+        return (f"the images sit in {root / subdir.name}: move them with `cd {root} && mkdir -p {subdir.parent} "
+                f"&& mv {subdir.name} {subdir.parent}/`")
+    return f"unpack the images into {root / subdir} (COCO: unzip train2017.zip -d {root / subdir.parent})"
+
+
+class ImageFolderDataset(_FileDataset):
+    """Unlabelled images found recursively under ``root`` (or ``root/subdir``: COCO's
+    ``images/train2017``), e.g. COCO train2017 or ImageNet train.
 
     Files are sorted by path, so indices are deterministic. ``__getitem__`` returns
     ``transform(image)`` for an RGB PIL image, or the PIL image when ``transform`` is None.
@@ -173,11 +264,18 @@ class ImageFolderDataset(Dataset):
         transform: Callable[[Image.Image], object] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         config_key: str = "data.root",
+        subdir: str | None = None,
+        on_bad_image: str = "error",
     ) -> None:
-        self.root = Path(root).expanduser()
-        self.transform = transform
-        name, example = "ImageFolderDataset", "images"
-        _check_root(self.root, name, _IMAGE_FOLDER_TREE, config_key, example)
+        name, example, tree = "ImageFolderDataset", "images", _IMAGE_FOLDER_TREE
+        root = Path(root).expanduser()
+        if subdir is not None:
+            example, tree = "coco", _SUBDIR_TREE.format(subdir=f"{subdir}/")
+            _check_root(root, name, tree, config_key, example)
+            _check_dir(root / subdir, name, tree, config_key, example, _subdir_hint(root, Path(subdir), config_key))
+            root = root / subdir
+        self.root, self.transform = root, transform
+        _check_root(self.root, name, tree, config_key, example)
         exts = tuple(e.lower() for e in extensions)
         self.files = sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in exts and p.is_file()
@@ -185,28 +283,36 @@ class ImageFolderDataset(Dataset):
         if not self.files:
             raise _layout_error(
                 name, f"no files with extensions {exts} under {self.root} (searched recursively)",
-                _IMAGE_FOLDER_TREE, config_key, example,
+                tree, config_key, example,
                 hint="is the archive still zipped, or does the root point at an annotations folder?",
             )
+        super().__init__(on_bad_image, config_key)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def _path(self, index: int) -> Path:
+        return self.files[index]
+
+    def _item(self, index: int):
         image = read_image(self.files[index])
         return self.transform(image) if self.transform is not None else image
 
 
-class _SegmentationDataset(Dataset):
-    """Pairs of (image path, mask path); subclasses fill ``images``/``masks``/``class_names``."""
+class _SegmentationDataset(_FileDataset):
+    """Pairs of (image path, mask path); subclasses fill ``root``/``split``/``images``/``masks``/
+    ``class_names`` before calling ``__init__``."""
 
     ignore_index = IGNORE_INDEX
+    root: Path
+    split: str
     images: list[Path]
     masks: list[Path]
     class_names: tuple[str, ...]
 
-    def __init__(self, transform: JointTransform | None) -> None:
+    def __init__(self, transform: JointTransform | None, on_bad_image: str, config_key: str) -> None:
         self.transform = transform
+        super().__init__(on_bad_image, config_key)
 
     @property
     def num_classes(self) -> int:
@@ -215,17 +321,37 @@ class _SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _path(self, index: int) -> Path:
+        return self.images[index]
+
     def _load_mask(self, index: int) -> Image.Image:
         return read_mask(self.masks[index])
 
-    def __getitem__(self, index: int):
+    def _item(self, index: int):
         """``(image, mask)``: PIL RGB + PIL label map, or ``transform(image, mask)``."""
         image, mask = read_image(self.images[index]), self._load_mask(index)
         if image.size != mask.size:
             raise ValueError(
                 f"image {self.images[index]} is {image.size} but mask {self.masks[index]} is {mask.size}"
             )
+        self._check_labels(np.asarray(mask), index)
         return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+    def _check_labels(self, labels: np.ndarray, index: int) -> None:
+        """Class ids outside [0, num_classes) other than the ignore label: a clear error here, naming the
+        file, instead of an index error deep in an evaluator."""
+        c = self.num_classes
+        if labels.size == 0 or labels.max() < c:
+            return
+        bad = np.unique(labels[(labels >= c) & (labels != self.ignore_index)])
+        if bad.size:
+            raise ValueError(
+                f"mask {self.masks[index]} holds class ids {bad[:8].tolist()} outside 0..{c - 1} (and not the "
+                f"ignore label {self.ignore_index}), but the data config's dataset {type(self).__name__}"
+                f"({self.split!r}) at {self.config_key}={self.root} has num_classes={c}. Fix or remove that "
+                f"mask, or choose the data= config (and data.classes) of the label set these masks use "
+                f"(data/README.md)."
+            )
 
 
 class VOCSegmentation(_SegmentationDataset):
@@ -246,8 +372,8 @@ class VOCSegmentation(_SegmentationDataset):
         split: str = "train",
         transform: JointTransform | None = None,
         config_key: str = "data.root",
+        on_bad_image: str = "error",
     ) -> None:
-        super().__init__(transform)
         if split not in self.SPLITS:
             raise ValueError(f"VOCSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
@@ -282,6 +408,7 @@ class VOCSegmentation(_SegmentationDataset):
             if classes_file.is_file()
             else VOC_CLASSES
         )
+        super().__init__(transform, on_bad_image, config_key)
 
 
 # 0 -> 255 (ignore), c -> c - 1, 255 stays ignore (as mmsegmentation's reduce_zero_label).
@@ -307,8 +434,8 @@ class ADE20KSegmentation(_SegmentationDataset):
         transform: JointTransform | None = None,
         reduce_zero_label: bool = True,
         config_key: str = "data.root",
+        on_bad_image: str = "error",
     ) -> None:
-        super().__init__(transform)
         split = self._ALIASES.get(split, split)
         if split not in ("training", "validation"):
             raise ValueError(
@@ -327,6 +454,7 @@ class ADE20KSegmentation(_SegmentationDataset):
         self.masks = [mask_dir / f"{p.stem}.png" for p in self.images]
         _check_listed_files(self.masks, name, tree, config_key, example)
         self.class_names = ADE20K_CLASSES if reduce_zero_label else ("other", *ADE20K_CLASSES)
+        super().__init__(transform, on_bad_image, config_key)
 
     def _load_mask(self, index: int) -> Image.Image:
         mask = read_mask(self.masks[index])

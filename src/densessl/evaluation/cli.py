@@ -15,6 +15,8 @@ from densessl.evaluation.protocols import load_backbone, write_results
 def run_evaluation(cfg: DictConfig, out_dir: Path) -> object:
     prepare_root(cfg.data)
     backbone = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True), cfg.weights).to(cfg.device)
+    if "image_size" in cfg.eval.options:
+        backbone.check_input_size(cfg.eval.options.image_size, "eval.options.image_size")
     val = hydra.utils.instantiate(cfg.data.val)
     evaluator = hydra.utils.get_method(cfg.eval.evaluator)
     options = OmegaConf.to_container(cfg.eval.options, resolve=True)

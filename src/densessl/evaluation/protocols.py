@@ -93,9 +93,16 @@ def load_backbone(backbone_cfg: dict[str, Any], weights: str | None = None) -> A
                 raise FileNotFoundError(f"{run} is a folder but not a densessl run (no config.yaml); pass a "
                                         f"checkpoint file or a run folder written by experiments/train.py")
             cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").backbone, resolve=True)
-            exported = run / "backbone.pth"
-            weights = str(exported if exported.is_file() else run / "checkpoints" / "last.ckpt")
-        cfg["weights"] = weights
+            found = [p for p in (run / "backbone.pth", run / "checkpoints" / "last.ckpt") if p.is_file()]
+            if not found:
+                others = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+                raise FileNotFoundError(
+                    f"weights={run}: the run folder has no backbone.pth (written when training ends) and no "
+                    f"checkpoints/last.ckpt (written after the first epoch)"
+                    f"{'; pass one of its checkpoints: weights=' + str(run / 'checkpoints' / others[-1]) if others else ''}"
+                    f". Evaluate a run that wrote a checkpoint, or pass weights=/path/to/checkpoint.pth.")
+            weights = str(found[0])
+        cfg["weights"], cfg["weights_key"] = weights, "weights"
     cfg["drop_path_rate"] = 0.0
     return Backbone(**cfg).eval()
 

@@ -34,10 +34,13 @@ class NeptuneLogger(Logger):
         self._init = dict(project=project or os.environ.get("NEPTUNE_PROJECT"),
                           api_token=api_token or os.environ.get("NEPTUNE_API_TOKEN"), mode=mode, name=name,
                           tags=list(tags or []), description=description, with_id=with_id, **init_kwargs)
-        if mode not in ("offline", "debug") and not self._init["project"]:
-            raise ValueError("Neptune needs a project: set NEPTUNE_PROJECT=workspace/project (and "
-                             "NEPTUNE_API_TOKEN), pass logger.neptune.project=..., or use "
-                             "logger.neptune.mode=offline on machines without network access")
+        missing = [f"{env} (or logger.neptune.{key}=...)" for env, key in
+                   (("NEPTUNE_PROJECT=workspace/project", "project"), ("NEPTUNE_API_TOKEN", "api_token"))
+                   if not self._init[key]]
+        if mode not in ("offline", "debug") and missing:  # here, not as the client's banner at the first log
+            raise ValueError(f"the Neptune logger (mode={mode}) needs {' and '.join(missing)}; without network "
+                             f"access or a token use NEPTUNE_MODE=offline (or logger.neptune.mode=offline) and "
+                             f"upload later with `neptune sync`")
         self._prefix = prefix.rstrip("/")
         self._run: Any = None
 

@@ -8,7 +8,9 @@ tokens (B, N, D), enables the DSE regularizer). Optionally it overrides ``moment
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import lightning as L
@@ -25,6 +27,56 @@ class NonFiniteLossError(RuntimeError):
     checkpoint on disk stays untouched."""
 
 
+def check_keys(given: Iterable[str], valid: Sequence[str], prefix: str, valid_text: str | None = None) -> None:
+    """A key of ``given`` not in ``valid`` (a typo, e.g. through Hydra's ``+key=`` hint) is a ValueError
+    naming ``<prefix>.<key>``, the closest valid key and ``valid_text`` (default: the valid keys)."""
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+        raise ValueError(f"{prefix}.{unknown[0]} is not an option{hint}; "
+                         f"{valid_text or f'valid keys of {prefix}: ' + ', '.join(valid)}. Fix or remove that key.")
+
+
+def parse_options(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """``cls(**values)`` for a dataclass of config options; unknown or missing keys name ``<prefix>.<key>``."""
+    names = [f.name for f in fields(cls)]
+    check_keys(values, names, prefix)
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{prefix}.{missing[0]} is required; valid keys of {prefix}: {', '.join(names)}")
+    return cls(**values)
+
+
+@dataclass
+class OptimOptions:
+    """``method.optim`` (see :class:`SSLMethod`)."""
+
+    lr: float
+    name: str = "adamw"
+    head_lr: float | None = None  # None: lr
+    weight_decay: float = 0.0
+    final_weight_decay: float | None = None  # None: weight_decay (constant)
+    final_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    batch_size_scaling: bool = False
+    schedule: str = "cosine"  # or "constant": lr and weight decay stay at their base values
+
+    def __post_init__(self) -> None:
+        self.head_lr = self.lr if self.head_lr is None else self.head_lr
+        self.final_weight_decay = self.weight_decay if self.final_weight_decay is None else self.final_weight_decay
+
+
+@dataclass
+class TeacherOptions:
+    """``method.teacher``: base EMA momentum and the end of its cosine schedule."""
+
+    momentum: float
+    final_momentum: float = 1.0
+
+
 class SSLMethod(L.LightningModule):
     """Base LightningModule for dense SSL objectives.
 
@@ -33,9 +85,10 @@ class SSLMethod(L.LightningModule):
         optim: ``name`` (adamw|sgd), ``lr`` (backbone), ``head_lr`` (defaults to lr), ``weight_decay``,
             ``final_weight_decay``, ``final_lr`` (absolute, for every group scaled by its lr ratio),
             ``warmup_epochs``, ``betas`` / ``momentum``, ``batch_size_scaling`` (linear lr scaling
-            by global batch / 256, as DINO/iBOT).
+            by global batch / 256, as DINO/iBOT), ``schedule`` (cosine | constant); read into
+            :class:`OptimOptions` (``self.optim_cfg``), an unknown key is a ValueError.
         teacher: ``None`` for no teacher, else ``momentum`` (base) and ``final_momentum`` of the cosine
-            EMA schedule.
+            EMA schedule (:class:`TeacherOptions`, ``self.teacher_cfg``).
         color: keyword arguments of :class:`ColorAugment` applied on device to every crop.
         dse_regularizer: ``weight`` (beta) and DSE options; adds -beta * DSE(student patch tokens).
         eval_on: which network evaluators and exports use ("teacher" or "student").
@@ -55,20 +108,24 @@ class SSLMethod(L.LightningModule):
                  crops: dict[str, Any] | None = None, compile: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Parsed first: a misspelt key fails before any network is built.
+        self.optim_cfg: OptimOptions = parse_options(OptimOptions, dict(optim), "method.optim")
+        self.teacher_cfg = None if teacher is None else parse_options(TeacherOptions, dict(teacher), "method.teacher")
         student_cfg = dict(backbone)
         if student_drop_path is not None:
             student_cfg["drop_path_rate"] = student_drop_path
         self.student_backbone = Backbone(**student_cfg)
-        self.teacher_cfg = teacher
+        self.crops_cfg = dict(crops or {})
+        for key in ("global_size", "local_size", "size"):  # at start-up, not at the first step
+            if key in self.crops_cfg:
+                self.student_backbone.check_input_size(self.crops_cfg[key], f"method.crops.{key}")
         if teacher is not None:
             teacher_cfg = {**backbone, "weights": "none", "drop_path_rate": 0.0}
             self.teacher_backbone = make_teacher(self.student_backbone, Backbone(**teacher_cfg))
         if eval_on not in ("teacher", "student") or (eval_on == "teacher" and teacher is None):
             raise ValueError(f"eval_on={eval_on!r} needs a teacher; use 'student' for methods without one")
         self.eval_on = eval_on
-        self.optim_cfg = dict(optim)
         self.color = ColorAugment(**(color or {}))
-        self.crops_cfg = dict(crops or {})
         self.compile_cfg = compile
         self.dse_cfg = dict(dse_regularizer or {})
         self.dse_weight = float(self.dse_cfg.pop("weight", 0.0))
@@ -100,7 +157,7 @@ class SSLMethod(L.LightningModule):
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
         """(name, module, lr) of every trained part; objectives add their heads."""
-        return [("backbone", self.student_backbone, self.optim_cfg["lr"])]
+        return [("backbone", self.student_backbone, self.optim_cfg.lr)]
 
     def train_transform(self) -> Callable[[Any], Any]:
         """CPU-side view sampler applied to each PIL image by the data loader."""
@@ -120,8 +177,7 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self.compute_loss(batch)
-        loss = terms.pop("loss")
-        dense = terms.pop("dense", None)
+        loss, dense = terms.pop("loss"), terms.pop("dense", None)
         if self.dse_weight > 0:
             if dense is None:
                 raise ValueError(f"{type(self).__name__} does not expose dense student tokens for the DSE regularizer")
@@ -130,7 +186,7 @@ class SSLMethod(L.LightningModule):
             terms["ssl_loss"] = loss.detach()
             loss = loss - self.dse_weight * reg
         if not torch.isfinite(loss):
-            self._raise_non_finite(loss, terms)
+            self._raise_non_finite(loss, terms, dense)
         bs = batch["boxes"].shape[0] if isinstance(batch, dict) and "boxes" in batch else None
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in terms.items():
@@ -179,12 +235,17 @@ class SSLMethod(L.LightningModule):
             _set_rng_states(states)
             self._pending_generator_states = dict(state["generators"])
 
-    def _raise_non_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+    def _raise_non_finite(self, loss: Tensor, terms: dict[str, Any], dense: Tensor | None) -> None:
         ckpt = None
         if self._trainer is not None and self.trainer.checkpoint_callback is not None:
             cb = self.trainer.checkpoint_callback
             ckpt = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") or None
-        shown = {k: float(v) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+        # Every scalar term of the step (tensors and plain numbers), and whether the student's tokens are
+        # already non-finite (diverged weights) or only the loss is (its numerics).
+        shown = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()
+                                         if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}}
+        if dense is not None:
+            shown["student_tokens_nonfinite"] = round(float((~torch.isfinite(dense.detach())).float().mean()), 4)
         raise NonFiniteLossError(
             f"non-finite loss {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
             f"terms: {shown}. Last good checkpoint: {ckpt or 'none written yet'}. Lower the learning rate, "
@@ -195,7 +256,7 @@ class SSLMethod(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.optim_cfg
         scale = 1.0
-        if cfg.get("batch_size_scaling"):
+        if cfg.batch_size_scaling:
             scale = self.trainer.world_size * self._batch_size() / 256.0
         groups = []
         for name, module, lr in self.param_groups():
@@ -208,15 +269,15 @@ class SSLMethod(L.LightningModule):
             for params, wd in ((decay, True), (no_decay, False)):
                 if params:
                     # final_lr is absolute (DINO's min_lr is not batch-scaled), scaled per group by its lr ratio
-                    final = cfg.get("final_lr", 0.0) * lr / cfg["lr"] if cfg["lr"] else 0.0
+                    final = cfg.final_lr * lr / cfg.lr if cfg.lr else 0.0
                     groups.append({"params": params, "name": f"{name}{'' if wd else '_no_decay'}",
                                    "base_lr": lr * scale, "final_lr": final, "apply_wd": wd,
-                                   "weight_decay": cfg.get("weight_decay", 0.0) if wd else 0.0, "lr": lr * scale})
-        name = cfg.get("name", "adamw").lower()
+                                   "weight_decay": cfg.weight_decay if wd else 0.0, "lr": lr * scale})
+        name = cfg.name.lower()
         if name == "adamw":
-            return torch.optim.AdamW(groups, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+            return torch.optim.AdamW(groups, betas=tuple(cfg.betas))
         if name == "sgd":
-            return torch.optim.SGD(groups, momentum=cfg.get("momentum", 0.9))
+            return torch.optim.SGD(groups, momentum=cfg.momentum)
         raise ValueError(f"unknown optimiser '{name}' (method.optim.name: adamw | sgd)")
 
     def _batch_size(self) -> int:
@@ -233,9 +294,9 @@ class SSLMethod(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Per-step cosine lr (after linear warm-up) and cosine weight decay for every group."""
         cfg, step, total = self.optim_cfg, self.global_step, self.total_steps
-        warmup = int(cfg.get("warmup_epochs", 0) * self.steps_per_epoch())
-        wd, final_wd = cfg.get("weight_decay", 0.0), cfg.get("final_weight_decay", cfg.get("weight_decay", 0.0))
-        if cfg.get("schedule", "cosine") == "constant":
+        warmup = int(cfg.warmup_epochs * self.steps_per_epoch())
+        wd, final_wd = cfg.weight_decay, cfg.final_weight_decay
+        if cfg.schedule == "constant":
             return
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = cosine_schedule(step, total, group["base_lr"], group["final_lr"], warmup)
@@ -255,7 +316,7 @@ class SSLMethod(L.LightningModule):
 
     def momentum_at(self, step: int) -> float:
         cfg = self.teacher_cfg
-        return cosine_momentum(step, self.total_steps, cfg["momentum"], cfg.get("final_momentum", 1.0))
+        return cosine_momentum(step, self.total_steps, cfg.momentum, cfg.final_momentum)
 
     # ------------------------------------------------------------------ export
     def export_backbone(self, path: str, layout: str = "timm") -> None:

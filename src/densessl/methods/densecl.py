@@ -149,10 +149,10 @@ class DenseCL(SSLMethod):
         return super().momentum_pairs() + [(self.student_neck, self.teacher_neck)]
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
-        return super().param_groups() + [("neck", self.student_neck, self.optim_cfg.get("head_lr", self.optim_cfg["lr"]))]
+        return super().param_groups() + [("neck", self.student_neck, self.optim_cfg.head_lr)]
 
     def momentum_at(self, step: int) -> float:
-        return float(self.teacher_cfg["momentum"])
+        return float(self.teacher_cfg.momentum)
 
     def lambda_at(self, step: int) -> float:
         """Weight of the dense term at optimiser step ``step`` (0 during the optional warm-up)."""

@@ -211,14 +211,11 @@ class IBOT(SSLMethod):
         return super().momentum_pairs() + [(self.student_head, self.teacher_head)]
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
-        lr = self.optim_cfg["lr"]
-        return super().param_groups() + [("head", self.student_head, self.optim_cfg.get("head_lr", lr)),
-                                         ("mask_token", self.mask_token, lr)]
+        return super().param_groups() + [("head", self.student_head, self.optim_cfg.head_lr),
+                                         ("mask_token", self.mask_token, self.optim_cfg.lr)]
 
     def train_transform(self) -> IBOTViews:
         size, patch = self.crops_cfg.get("global_size", 224), self.student_backbone.patch_size
-        if size % patch:
-            raise ValueError(f"method.crops.global_size={size} is not a multiple of the patch size {patch}")
         return IBOTViews(MultiCropWithBoxes(**self.crops_cfg), self.masking, size // patch, self.flip_p)
 
     collate_fn = staticmethod(collate_ibot)

@@ -85,7 +85,7 @@ class NeCo(SSLMethod):
         return super().momentum_pairs() + [(self.student_head, self.teacher_head)]
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
-        return super().param_groups() + [("head", self.student_head, self.optim_cfg.get("head_lr", self.optim_cfg["lr"]))]
+        return super().param_groups() + [("head", self.student_head, self.optim_cfg.head_lr)]
 
     # ------------------------------------------------------------------ views
     @staticmethod

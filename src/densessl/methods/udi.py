@@ -84,7 +84,7 @@ class UDI(SSLMethod):
         return super().momentum_pairs() + [(self.student_head, self.teacher_head)]
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
-        head_lr = self.optim_cfg.get("head_lr", self.optim_cfg["lr"])
+        head_lr = self.optim_cfg.head_lr
         return super().param_groups() + [("head", self.student_head, head_lr)]
 
     def train_transform(self) -> UDIMultiCrop:

@@ -63,6 +63,7 @@ class Backbone(nn.Module):
         channels_last: NHWC memory format for CNNs (faster convolutions on GPUs with tensor cores).
         grad_checkpointing: timm's activation checkpointing of the blocks/stages: activations are
             recomputed in backward instead of stored (training memory for larger batches or crops).
+        weights_key: the config key that set ``weights``, named in errors (the evaluation CLIs' ``weights``).
     """
 
     def __init__(
@@ -76,8 +77,10 @@ class Backbone(nn.Module):
         model_kwargs: dict[str, Any] | None = None,
         channels_last: bool = False,
         grad_checkpointing: bool = False,
+        weights_key: str = "backbone.weights",
     ) -> None:
         super().__init__()
+        self.weights_key = weights_key
         if name not in ARCHS:
             raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHS)} (backbone.name=...)")
         self.name, self.arch = name, ARCHS[name]
@@ -139,6 +142,15 @@ class Backbone(nn.Module):
             out["cls_attention"] = _cls_attention(self.model.blocks[-1].attn, inputs[0])[..., p:]
         return out
 
+    def check_input_size(self, size: int, key: str) -> None:
+        """A ViT input side ``size`` (the config ``key``) that the patch size does not divide is a
+        ValueError at start-up naming the key, not a shape error at the first step."""
+        p = self.patch_size
+        if self.is_vit and size % p:
+            fits = " or ".join(str(s) for s in (size // p * p, size // p * p + p) if s > 0)
+            raise ValueError(f"{key}={size} is not a multiple of the patch size {p} of backbone '{self.name}': "
+                             f"set {key}={fits}")
+
     def forward_patches(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """images (B, 3, H, W) -> tokens (B, N, D) after the final norm, grid (h, w), N = h*w."""
         out = self.forward_features(images)
@@ -157,9 +169,18 @@ class Backbone(nn.Module):
         path = Path(os.path.expanduser(str(weights)))
         if not path.is_file():
             raise WeightsError(
-                f"backbone.weights={weights!r} is neither 'none', 'hub' nor an existing checkpoint file. "
-                f"Point it at a .pth/.ckpt file, or use backbone.weights=none for a random init.")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+                f"{self.weights_key}={weights!r} is neither 'none', 'hub' nor an existing checkpoint file. "
+                f"Point it at a .pth/.ckpt file, or use {self.weights_key}=none for a random init.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated zip, random bytes, pickle of something else: many types
+            raise WeightsError(
+                f"cannot read {self.weights_key}={path} ({type(err).__name__}: {err}). The file is corrupt or not "
+                f"a PyTorch checkpoint (e.g. an interrupted download): download it again, or point "
+                f"{self.weights_key} at another .pth/.ckpt file.") from err
+        if not isinstance(state, dict):
+            raise WeightsError(f"{self.weights_key}={path} holds a {type(state).__name__}, not a checkpoint dict "
+                               f"(state dict); point {self.weights_key} at a .pth/.ckpt checkpoint file.")
         state = extract_backbone_state(state, checkpoint_key)
         if drop_registers:
             state = _drop_register_tokens(state)
@@ -167,7 +188,7 @@ class Backbone(nn.Module):
 
     def _load_hub(self, drop_registers: bool) -> None:
         if "." not in self.arch.timm_name:
-            raise WeightsError(f"backbone '{self.name}' has no pretrained weights; use backbone.weights=none")
+            raise WeightsError(f"backbone '{self.name}' has no pretrained weights; use {self.weights_key}=none")
         try:
             donor = timm.create_model(self.arch.timm_name, pretrained=True, num_classes=0)
         except Exception as err:  # network errors come in many types (OSError, HTTP, hub-specific)
@@ -176,8 +197,8 @@ class Backbone(nn.Module):
             raise WeightsError(
                 f"could not download pretrained weights for '{self.name}' (timm '{self.arch.timm_name}'): "
                 f"{type(err).__name__}: {err}.\nThis machine may be offline. Either download the "
-                f"checkpoint elsewhere (e.g. {url}) and set backbone.weights=/path/to/checkpoint.pth, "
-                f"or train from scratch with backbone.weights=none.") from err
+                f"checkpoint elsewhere (e.g. {url}) and set {self.weights_key}=/path/to/checkpoint.pth, "
+                f"or train from scratch with {self.weights_key}=none.") from err
         state = donor.state_dict()
         if drop_registers:
             state = _drop_register_tokens(state)
