@@ -17,6 +17,8 @@ def test_views_keep_image_and_mask_aligned_and_the_loss_falls(synthetic):
     assert set(masks.unique().tolist()) <= set(range(7)) | {255}
     # scale (1, 1) is the whole image: the mask is the resized full mask (flip aside), so labels line up
     batch["crops"] = [method.color(images)]
+    groups = {name: module for name, module, _ in method.param_groups()}
+    assert set(groups) == {"backbone", "head"} and groups["head"] is method.head  # the head is trained too
     optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
