@@ -43,7 +43,7 @@ def make_method(backbone=TINY_VIT, **kwargs) -> DenseCL:
 def test_correspondence_is_argmax_over_key_positions():
     f = torch.randn(2, 9, 5)
     assert torch.equal(dense_correspondence(f, f), torch.arange(9).expand(2, 9))
-    # lightly's unit cases (spec section 7.7): not mutual, and the least negative wins
+    # lightly's unit cases: not mutual, and the least negative wins
     x = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     assert dense_correspondence(x, torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])).tolist() == [[1, 0]]
     assert dense_correspondence(x, torch.tensor([[[0.0, -1.0], [-1.0, 0.0]]])).tolist() == [[1, 0]]
@@ -70,7 +70,7 @@ def test_densecl_loss_equals_hand_computed_infonce():
     assert out["loss"].item() == pytest.approx((1 - lam) * lg + lam * (l0 + l1) / 2, rel=1e-6)
 
 
-def test_info_nce_is_the_reference_cross_entropy_and_matches_spec_values():
+def test_info_nce_is_the_reference_cross_entropy_and_matches_analytic_values():
     g = torch.Generator().manual_seed(0)
     q, p = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1)
     negs = F.normalize(torch.randn(20, 8, generator=g), dim=1)
@@ -80,7 +80,7 @@ def test_info_nce_is_the_reference_cross_entropy_and_matches_spec_values():
     # the fused backward is exact for every input
     args = [t.double().requires_grad_() for t in (q, p, negs)]
     assert torch.autograd.gradcheck(lambda a, b, c: info_nce(a, b, c, 0.2), args)
-    # spec 7.1: positive logit 1, negatives orthogonal -> log(1 + K e^{-1/tau}) = 6.093 for K=65536
+    # analytic: positive logit 1, negatives orthogonal -> log(1 + K e^{-1/tau}) = 6.093 for K=65536
     K = 65536
     ortho = info_nce(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]).expand(K, 2), 0.2)
     assert ortho.item() == pytest.approx(math.log(1 + K * math.exp(-5)), abs=1e-4)

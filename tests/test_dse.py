@@ -1,4 +1,4 @@
-"""DSE metric, regularizer, lambda step and checkpoint selection (spec: shared/specs/dse.md)."""
+"""DSE metric, regularizer, lambda step and checkpoint selection (docs/dse.md; reference values measured with the official estimator.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _gaussian(seed: int = 0, shape: tuple[int, ...] = (B, N, D)) -> torch.Tensor
 
 
 def _separated() -> torch.Tensor:
-    """Spec 5: tokens are one of 24 one-hot prototypes, 3 per image (image b uses 3(b mod 8)..+2)."""
+    """Official-estimator case: tokens are one of 24 one-hot prototypes, 3 per image (image b uses 3(b mod 8)..+2)."""
     proto = 3 * (torch.arange(B)[:, None] % 8) + torch.arange(N)[None] % 3
     return torch.eye(D)[proto]
 
@@ -63,7 +63,7 @@ def test_effective_rank_identity_and_rank_one():
 def test_centered_singular_sum_hand_and_gaussian():
     # centred rows (+-1, 0): singular values (sqrt 2, 0), divided by sqrt(max(1, 2))
     assert centered_singular_sum(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])).item() == pytest.approx(1.0)
-    # spec 5 (one draw of the official code): ~62.96 for N(0,1) 65x384
+    # one draw of the official code: ~62.96 for N(0,1) 65x384
     assert centered_singular_sum(_gaussian(3, (65, 384))).item() == pytest.approx(62.96, rel=0.03)
 
 
@@ -134,7 +134,7 @@ def test_regularizer_lloyd_reassigns_and_reseeds_empty_clusters():
 
 
 def test_gaussian_matches_official_values(gaussian_result):
-    # spec 5, official estimator.py, B=16: (inter, intra_img, intra_batch, dim, DSE)
+    # measured with the official estimator.py, B=16: (inter, intra_img, intra_batch, dim, DSE)
     got = gaussian_result
     expected = (1.0005, 3.2055, 3.1866, 0.9951, -1.2004)
     actual = (got.inter, got.intra_img, got.intra_batch, got.dim, got.value)
@@ -170,11 +170,11 @@ def test_invariant_to_scale_without_normalisation_and_to_rotation():
 def test_structure_destroyed_by_noise_lowers_dse(separated_result):
     noisy = dse(_separated() + 0.05 * _gaussian(2))
     assert separated_result.value > noisy.value > -1.2
-    assert noisy.value == pytest.approx(-0.1763, abs=0.1)  # spec 5: sigma=0.05 -> -0.1763
+    assert noisy.value == pytest.approx(-0.1763, abs=0.1)  # official estimator: sigma=0.05 -> -0.1763
 
 
 def test_rank_four_features():
-    # spec 5: M_dim 0.2431, DSE 0.4209; exact low rank is where a float32 Gram would inflate M_dim
+    # official estimator: M_dim 0.2431, DSE 0.4209; exact low rank is where a float32 Gram would inflate M_dim
     basis = torch.linalg.qr(_gaussian(16, (D, 4)))[0]
     result = dse(_gaussian(17, (B, N, 4)) @ basis.T)
     assert result.dim == pytest.approx(0.2431, abs=0.005)
@@ -335,7 +335,7 @@ def test_lambda_normalisation_guards():
         ([1.0] * 10, [0, 1, 2]),
     ],
 )
-def test_select_checkpoints_spec_cases(values, expected):
+def test_select_checkpoints_reference_cases(values, expected):
     assert select_checkpoints(values) == expected
 
 

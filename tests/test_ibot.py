@@ -1,5 +1,5 @@
 """iBOT + de-coupling: loss maths, centres, schedules, masks, de-coupling invariants, masked forward,
-non-finite guard and both COCO presets end to end (shared/specs/ibot_decoupling.md section 6)."""
+non-finite guard and both COCO presets end to end (docs/objectives/ibot.md)."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""NeCo sort loss: properties from specs/neco.md sections 1 and 6."""
+"""NeCo sort loss: properties of vpariza/NeCo's loss and of diffsort 0.2.0's networks (docs/objectives/neco.md)."""
 
 import math
 
@@ -33,7 +33,7 @@ def test_equal_student_and_teacher_gives_mean_row_entropy(steepness, entropy):
     loss = sort_loss(sims, sims, steepness, steepness)
     q = soft_permutation(sims, steepness)
     torch.testing.assert_close(loss, _row_entropy(q))
-    # Spec fact 4 quotes 3.52 / 1.72 / 0.43 nats; diffsort 0.2.0 itself gives 3.54 / 1.79 / 0.47
+    # A NumPy port of diffsort gives 3.52 / 1.72 / 0.43 nats; diffsort 0.2.0 itself gives 3.54 / 1.79 / 0.47
     # (this implementation matches it to 1e-14), hence the tolerance.
     assert loss.item() == pytest.approx(entropy, rel=0.1)
 
@@ -67,7 +67,7 @@ def test_chunked_loss_and_gradient_equal_plain_autograd():
 
 
 def test_odd_even_needs_epsilon():
-    # Spec fact 5: odd_even probabilities underflow to 0 in float32.
+    # diffsort's odd_even probabilities underflow to 0 in float32.
     sims = _uniform((16, 49)) * 10
     student = sims.flip(-1).requires_grad_()
     assert not torch.isfinite(sort_loss(student, sims, network="odd_even"))

@@ -225,7 +225,7 @@ def test_summed_bottleneck_gives_summed_logits():
 
 
 def test_vit_s_wrapper_parameter_count():
-    # Spec fact 8: ViT-S student wrapper (backbone, cls+, SRS) plus the one shared head at K=1024 ~ 28.0M.
+    # Reference (ISL-CV/udi): ViT-S student wrapper (backbone, cls+, SRS) plus the one shared head at K=1024 ~ 28.0M.
     with torch.device("meta"):  # shapes only: no memory, no init time
         vit = UDIViT(Backbone("vit_small_p16"))
         head = DINOHead(vit.embed_dim, out_dim=1024, norm_last_layer=False)

@@ -1,4 +1,4 @@
-"""Linear segmentation probe on frozen patch tokens (spec neco.md section 3b).
+"""Linear segmentation probe on frozen patch tokens (docs/evaluation/linear.md).
 
 Protocol of NeCo experiments/linear_segmentation/{linear_finetune,eval_linear}.py: frozen backbone
 tokens at 448 px, a 1x1 conv head (D -> C) and bilinear upsampling to 100 x 100, cross-entropy with
@@ -15,7 +15,7 @@ for VOC trainaug (~2,000 steps of batch 128); on a few hundred images the same e
 and the head stays near "predict background" whatever the features: a probe that cannot tell features
 apart. L-BFGS measures linear separability at convergence and needs no learning rate.
 
-Schedule note: the brief and spec use 25 epochs with the drop at 20; NeCo's shipped configs
+Schedule note: densessl's default is 25 epochs with the drop at 20; NeCo's shipped configs
 (experiments/linear_segmentation/configs/pascal/*.yml) set max_epochs 20 and drop_at 20, i.e. no
 drop: pass epochs=20 to reproduce those runs.
 """

@@ -1,4 +1,4 @@
-"""Overclustering evaluation of dense features (Leopart / NeCo protocol, spec neco.md section 3a).
+"""Overclustering evaluation of dense features (Leopart / NeCo protocol; docs/evaluation/overclustering.md).
 
 Pipeline (NeCo experiments/overcluster/eval_overcluster.py + experiments/utils.py):
 z-score every feature dimension -> faiss PCA to ``pca_dim`` -> faiss k-means per (K, seed) ->

@@ -1,4 +1,4 @@
-"""Dense nearest-neighbour retrieval ("Hummingbird") evaluation (spec peers.md section 5).
+"""Dense nearest-neighbour retrieval ("Hummingbird") evaluation (docs/evaluation/retrieval.md).
 
 Protocol of open-hummingbird-eval v2.0.0 (hbird/hbird_eval.py, hbird/utils/transforms.py):
 

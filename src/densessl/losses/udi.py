@@ -1,4 +1,4 @@
-"""UDI objective (Su & Ji, ECCV'24; ISL-CV/udi ``main_udi.py`` ``UDILoss``; shared/specs/udi.md section 3).
+"""UDI objective (Su & Ji, ECCV'24; ISL-CV/udi ``main_udi.py`` ``UDILoss``; docs/objectives/udi.md).
 
 Three self-distillation terms with one DINO head and three centres:
 (i) cls: student z_cls vs teacher z'_cls; (ii) cls+: student z_cls+ vs the *multimodal* target

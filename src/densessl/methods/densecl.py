@@ -3,7 +3,7 @@
 MoCo v2 with a second, dense branch: a query encoder (backbone + DenseCL neck) and its momentum
 copy, the key encoder; two FIFO queues of 65536 x 128 negatives (global keys, pooled dense keys);
 dense positives found by argmax cosine similarity of the two views' backbone features
-(``shared/specs/densecl.md``). Decisions on the reference's quirks:
+(docs/objectives/densecl.md). Decisions on the reference's quirks:
 
 (i) BatchNorm. Both encoders run BN in train mode, as the reference. Under DDP the key batch is
     shuffled across ranks before the key forward and unshuffled after (MoCo's shuffle BN, so a

@@ -1,5 +1,5 @@
 """iBOT (Zhou et al., ICLR'22; bytedance/ibot) with the de-coupling strategy of "Mind Your
-Augmentation" (ICLR'24; ztt1024/denseSSL), ``shared/specs/ibot_decoupling.md``.
+Augmentation" (ICLR'24; ztt1024/denseSSL); docs/objectives/ibot.md.
 
 The student sees masked global views (a learnable mask token replaces the patch embeddings of masked
 patches) and distils the EMA teacher's [CLS] distribution of the other view and its patch
@@ -7,7 +7,7 @@ distributions of the same clean view. With ``decoupling=True`` each global view 
 de-coupled rows whose context (or regions) comes from a partner image; their kept tokens are trained
 to match the teacher's features in the true context (``transforms.decouple``).
 
-Decisions on the spec's quirks (section 2 "Quirks", section 1):
+Decisions on the reference's quirks:
 (i)   local crops work with de-coupling: they are forwarded separately and their rows are the N
       regular images, so the [CLS] loss pairs them with the teacher's first N rows (the reference
       requires local_crops_number=0 because of its chunking and pos-embed code).

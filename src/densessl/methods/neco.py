@@ -1,8 +1,8 @@
 """NeCo: patch neighbour consistency (Pariza et al., ICLR 2025; vpariza/NeCo src/neco.py).
 
 The student learns to order reference patches by similarity to each of its patches the way the EMA
-teacher orders them, via differentiable sorting. Decisions on the reference's quirks
-(``shared/specs/neco.md`` section 1):
+teacher orders them, via differentiable sorting (docs/objectives/neco.md). Decisions on the
+reference's quirks:
 
 (i) the reference's queue fill counter is shared by both queues and advances twice per step, so its
     first steps sample zero vectors; here each queue keeps its own count and references are drawn

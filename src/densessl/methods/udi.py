@@ -1,8 +1,8 @@
-"""UDI: Unsqueezed DIstillation (Su & Ji, ECCV'24; ISL-CV/udi @133c2cb, shared/specs/udi.md).
+"""UDI: Unsqueezed DIstillation (Su & Ji, ECCV'24; ISL-CV/udi @133c2cb; docs/objectives/udi.md).
 
 A ViT with a second class token z_cls+ learns from a multimodal target that mixes the teacher's
 class logits with its patch logits at stratified random positions (SRS), next to DINO's class term
-and a patch term. Decisions on the spec's quirks:
+and a patch term. Decisions on the reference's quirks:
 
 (i) View geometry: the paper presents X' as a crop of X; the reference code instead draws X' like X and
     shifts it toward X (every local toward the union of X and X'), so X' lies inside X only 8% of the time.

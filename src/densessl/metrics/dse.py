@@ -2,8 +2,8 @@
 
 Re-implements the official metric (EldercatSAM/SSL-Degradation, ``estimator.py``) and
 regularizer (``DSE_regularizer.py``) of Dai et al., NeurIPS 2025 (arXiv 2510.17299); see
-``/work/shared/specs/dse.md``. The reference loops over images, groups and clusters with a
-Python k-means; here the k-means problems of a kind run as batched Lloyd iterations over
+docs/dse.md. The reference loops over images, groups and clusters with a Python k-means; here
+the k-means problems of a kind run as batched Lloyd iterations over
 cache-sized chunks, all singular-value work runs as batched LAPACK calls, and chunks are spread
 over one single-threaded worker per core. Where the time goes at (1024, 196, 384) on 2 cores
 (``benchmarks/bench_dse.py``): float64 Gram matrices and their eigenvalues for M_dim and css,
@@ -242,7 +242,7 @@ def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
     """Squared distances. x: (P, M, D), c: (P, k, D) -> (P, M, k).
 
     Matrix-product form; callers pass batch-centred data, so the cancellation that breaks
-    float32 cdist near collapse (spec section 1, numerics) does not occur.
+    float32 cdist near collapse (all tokens nearly equal) does not occur.
     """
     x_sq = torch.linalg.vector_norm(x, dim=-1).square()
     return (x_sq[..., None] - 2 * x @ c.mT + c.square().sum(-1)[:, None, :]).clamp_min(0)
@@ -627,7 +627,7 @@ def dse_over_batches(
             _check(features, variant, seeding, local_clusters, global_clusters, group_size, rank_draws)
             if generator is None:
                 generator = torch.Generator(features.device).manual_seed(seed)
-            # k-means runs on float32 tokens, every term in float64 (spec section 1, numerics).
+            # k-means runs on float32 tokens, every term in float64 (accuracy near collapse).
             store = torch.promote_types(features.dtype, torch.float32)
             totals.append(
                 _terms(

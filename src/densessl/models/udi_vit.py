@@ -1,5 +1,5 @@
 """UDI's ViT: a second class token z_cls+ and the SRS attention layer (ISL-CV/udi
-``vision_transformer.py`` / ``UDIWrapper``; shared/specs/udi.md section 1), on any timm ViT
+``vision_transformer.py`` / ``UDIWrapper``; docs/objectives/udi.md), on any timm ViT
 :class:`~densessl.models.Backbone`.
 """
 from __future__ import annotations

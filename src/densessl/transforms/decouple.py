@@ -37,7 +37,7 @@ def build_decoupled_views(crops: list[Tensor], masks: list[Tensor], sample_ratio
     View 1 gets rows replacing pool[0:n] and the complement of pool[n:2n], view 2 pool[2n:3n] and
     the complement of pool[3n:4n]; the images are copies of each view's last 2n rows.
 
-    Decisions on the reference's quirks (spec section 2, "Quirks"):
+    Decisions on the reference's quirks (numbered as in ``methods/ibot.py``):
     (ii) with fewer than 4 non-empty masks n = 0 and the batch is returned unchanged (the reference
          skips de-coupling too; its ``[-0:]`` slice then re-augments the whole batch, which is moot
          here since colour augmentation runs once, afterwards, with per-sample draws: duplicates get

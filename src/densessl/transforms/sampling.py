@@ -1,5 +1,5 @@
 """UDI's view geometry and Stratified Random Sampling (SRS) (Su & Ji, ECCV'24; ISL-CV/udi
-``udi_augmentation.py``, shared/specs/udi.md section 2).
+``udi_augmentation.py``; docs/objectives/udi.md).
 
 Views: :class:`UDIMultiCrop` draws the global view X, then X' and the local crops shifted toward X
 (resp. the union of X and X') as the reference code does. Horizontal flips happen later on the
