@@ -68,10 +68,11 @@ def evaluate(backbone, train_set, val_set, image_size: int, picture: Path | None
     c = val_set.num_classes
     common = dict(image_size=image_size)
     lin = evaluate_linear(backbone, train_set, val_set, cache_features=True, augment=False, solver="lbfgs",
-                          train_mask_size=image_size // 2, val_mask_size=image_size, **common)
+                          train_mask_size=image_size // 2, val_mask_size=image_size, num_vis=4 if picture else 0,
+                          **common)
     oc = evaluate_overclustering(backbone, val_set, ks=[c, 20], seeds=[0, 1, 2], niter=50, nredo=1,
                                  mask_size=image_size, pca_dim=32, num_vis=4 if picture else 0, **common)
-    hb = evaluate_retrieval(backbone, train_set, val_set, memory_size=len(train_set) * (image_size // 8) ** 2,
+    hb = evaluate_retrieval(backbone, train_set, val_set, memory_size=len(train_set) * (image_size // backbone.patch_size) ** 2,
                             augmentation_epochs=1, batch_size=32, **common)
     dse = evaluate_dse(backbone, train_set, num_images=len(train_set), image_size=image_size, dse_batch=len(train_set))
     if picture is not None:
