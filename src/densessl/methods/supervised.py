@@ -43,7 +43,7 @@ class Supervised(SSLMethod):
         self.head = nn.Conv2d(self.student_backbone.embed_dim, self.num_classes, 1)
 
     def param_groups(self) -> list[tuple[str, nn.Module, float]]:
-        return super().param_groups() + [("head", self.head, self.optim_cfg.get("head_lr", self.optim_cfg["lr"]))]
+        return super().param_groups() + [("head", self.head, self.optim_cfg.head_lr)]
 
     def train_transform(self) -> Callable[[Any, Any], Any]:
         cfg = {"size": 224, "scale": (0.25, 1.0), **self.crops_cfg}
