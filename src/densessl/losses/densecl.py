@@ -13,13 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.amp import full_precision
+
 
 @torch.no_grad()
+@full_precision
 def dense_correspondence(query_feats: Tensor, key_feats: Tensor) -> Tensor:
     """Index (B, N) of the key position most cosine-similar to each query position.
 
     query_feats (B, N, D), key_feats (B, M, D): backbone features of the two views. Ties go to the
-    lowest index (torch.argmax on CPU; not guaranteed on CUDA).
+    lowest index (torch.argmax on CPU; not guaranteed on CUDA). Similarities are float32 under autocast
+    (bfloat16's 8-bit mantissa would tie or swap near-equal neighbours).
     """
     sim = F.normalize(query_feats, dim=-1) @ F.normalize(key_feats, dim=-1).transpose(1, 2)  # (B, N, M)
     return sim.argmax(dim=-1)
@@ -57,12 +61,15 @@ class _InfoNCE(torch.autograd.Function):
                 None)
 
 
+@full_precision
 def info_nce(query: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
     """Mean over rows of -log(e^{q.p/t} / (e^{q.p/t} + sum_n e^{q.n/t})).
 
     query, positive (R, d); negatives (K, d), K >= 1, shared by every row. Inputs are used as given
     (pass unit vectors for cosine logits). Equal to the reference's ContrastiveHead: cross-entropy
-    with the positive at index 0 of the (R, 1 + K) logits.
+    with the positive at index 0 of the (R, 1 + K) logits. Runs in float32 under autocast (half-precision
+    inputs are cast, their gradients come back in their dtype): the probabilities saved for backward and
+    every matmul share one dtype.
     """
     return _InfoNCE.apply(query, positive, negatives, temperature)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.amp import full_precision
 from densessl.losses.sorting import soft_permutation
 
 SIMILARITIES = ("cosine", "euclidean")
@@ -48,6 +49,7 @@ def _sort_ce_sum(
     return ce.sum() if weights is None else (ce.sum((-1, -2)) * weights).sum()
 
 
+@full_precision
 def sort_loss(
     student_sims: Tensor,
     teacher_sims: Tensor,
@@ -81,7 +83,9 @@ def sort_loss(
             ``-1/R * sum_rows w_row sum_{m, j} Q log P`` (weights summing to 1 give a weighted mean).
 
     Returns:
-        Scalar loss.
+        Scalar loss, float32 under autocast: half-precision inputs are cast to float32 and the sorting
+        runs with autocast off (in bfloat16, comparator weights at steepness 100 round to exactly 0 or 1,
+        P gets zeros where Q does not and the loss is inf).
     """
     if student_sims.shape != teacher_sims.shape or student_sims.ndim == 0:
         raise ValueError(
@@ -122,6 +126,7 @@ def _similarities(queries: Tensor, refs: Tensor, sim: str) -> Tensor:
     return torch.cdist(queries, refs)
 
 
+@full_precision
 def neco_loss(
     student_aligned: Tensor,
     teacher_aligned: Tensor,
@@ -154,7 +159,7 @@ def neco_loss(
             ``compute_knn_subloss``), and pairs are still averaged with equal weight.
 
     Returns:
-        Scalar loss.
+        Scalar loss; similarities and sorting run in float32 under autocast (see ``sort_loss``).
     """
     if sim not in SIMILARITIES:
         raise ValueError(f"sim must be one of {SIMILARITIES}, got {sim!r}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.amp import autocast_off
+
 NETWORKS = ("bitonic", "odd_even")
 DISTRIBUTIONS = ("cauchy", "logistic")
 
@@ -189,7 +191,9 @@ def soft_permutation(
     Returns:
         P: (..., n, n) doubly stochastic, a transposed (non-contiguous) view;
         ``(x.unsqueeze(-2) @ P).squeeze(-2)`` is the soft sort and ``P[..., m, j]`` is the
-        probability that input ``m`` lands at rank ``j``.
+        probability that input ``m`` lands at rank ``j``. Computed in ``x``'s dtype with autocast off,
+        so the custom autograd functions see one dtype in forward and backward (``sort_loss`` passes
+        float32; half precision is too coarse for steep comparators).
     """
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
@@ -199,6 +203,11 @@ def soft_permutation(
         raise ValueError(f"x must have shape (..., n) with n >= 1, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating point tensor, got {x.dtype}; cast it with .float()")
+    with autocast_off(x.device):
+        return _soft_permutation(x, steepness, network, distribution)
+
+
+def _soft_permutation(x: Tensor, steepness: float, network: str, distribution: str) -> Tensor:
     n = x.shape[-1]
     net = _network(network, n)
     values = F.pad(x.reshape(-1, n), (net.pad, 0))  # (R, W)

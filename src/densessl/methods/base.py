@@ -9,6 +9,7 @@ tokens (B, N, D), enables the DSE regularizer). Optionally it overrides ``moment
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -46,6 +47,37 @@ def parse_options(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if missing:
         raise ValueError(f"{prefix}.{missing[0]} is required; valid keys of {prefix}: {', '.join(names)}")
     return cls(**values)
+
+
+def _shape(fn: Callable[..., Any]) -> list[tuple[str, str, bool]]:
+    """(name, kind, has a default) of every parameter: what callers rely on, annotations aside."""
+    return [(p.name, p.kind.name, p.default is not inspect.Parameter.empty)
+            for p in inspect.signature(fn).parameters.values()]
+
+
+def override_mismatches(cls: type, base: type, names: Iterable[str] | None = None) -> list[str]:
+    """Public attributes that ``cls`` itself defines (not inherited) and that override one of ``base``
+    (or only those in ``names``) with another call shape: parameter names, kinds and which parameters
+    have defaults must be the base's, and a method stays a method (a staticmethod a staticmethod, a
+    property a property). One line per mismatch, naming both signatures."""
+    problems = []
+    for name, attr in vars(cls).items():
+        if name.startswith("_") or (names is not None and name not in names) or not hasattr(base, name):
+            continue
+        base_attr = inspect.getattr_static(base, name)
+        if not callable(base_attr) and not isinstance(base_attr, (staticmethod, classmethod, property)):
+            continue  # plain class attributes (e.g. uses_labels) are data, not hooks
+        if type(attr) is not type(base_attr):
+            problems.append(f"{cls.__name__}.{name} is a {type(attr).__name__}, "
+                            f"{base.__name__}.{name} a {type(base_attr).__name__}")
+            continue
+        if isinstance(attr, property):
+            continue
+        mine, theirs = getattr(cls, name), getattr(base, name)
+        if _shape(mine) != _shape(theirs):
+            problems.append(f"{cls.__name__}.{name}{inspect.signature(mine)} overrides "
+                            f"{base.__name__}.{name}{inspect.signature(theirs)} with other parameters")
+    return problems
 
 
 @dataclass
@@ -101,6 +133,17 @@ class SSLMethod(L.LightningModule):
     # True for objectives whose views need the training masks (the supervised baseline): the data
     # module then hands them (image, mask) items instead of images.
     uses_labels = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # densessl calls these hooks with the base signatures (e.g. the DSE regularizer calls
+        # self.generator(name, device, seed)): an override with other parameters fails at import,
+        # not mid-run.
+        super().__init_subclass__(**kwargs)
+        own = [n for n in vars(SSLMethod) if not n.startswith("_")]
+        problems = override_mismatches(cls, SSLMethod, own)
+        if problems:
+            raise TypeError("; ".join(problems) + ". Keep the base signature (add a new method for other "
+                            "parameters).")
 
     def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
                  color: dict[str, Any] | None = None, dse_regularizer: dict[str, Any] | None = None,

@@ -141,7 +141,9 @@ class NeCo(SSLMethod):
             t_aligned.append(align_tokens(t_tok, t_grid, t_box, self.roi_size))
             s_aligned.append(align_tokens(s_tok, s_grid, to_crop_frame(region, boxes[:, v:v + 1], s_grid), self.roi_size))
             if masks is not None:  # a query counts when its whole bin is masked
-                bins = align_tokens(masks[c][..., None].to(t_tok.dtype), t_grid, t_box, self.roi_size)
+                # float32 whatever the token dtype: in bfloat16 (bf16-mixed) bin averages near 1 are
+                # spaced 2^-8 apart and 1 - 1e-4 rounds to 1, so the "whole bin" test would depend on rounding.
+                bins = align_tokens(masks[c][..., None].float(), t_grid, t_box, self.roi_size)
                 q_masks.append(bins[..., 0] >= 1 - 1e-4)
         # RoI-align averages unit vectors: re-normalise (reference: F.normalize after roi_align).
         t = F.normalize(torch.cat(t_aligned, 1).transpose(0, 1), dim=-1)  # (P, B, K, d)

@@ -15,6 +15,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from densessl.amp import autocast_off
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -245,7 +247,15 @@ class Backbone(nn.Module):
 def _cls_attention(attn: nn.Module, x: Tensor) -> Tensor:
     """Attention of token 0 (CLS) over all tokens in a timm ``Attention`` given its input x (B, T, D)
     -> (B, heads, T). Recomputed from the block's own projections because timm's fused attention
-    never materialises the attention matrix."""
+    never materialises the attention matrix. In the weights' dtype (float32 under mixed precision)
+    with autocast off: NeCo's foreground mask thresholds the cumulative attention mass, and bfloat16
+    logits move tokens of a flat map across that threshold (tiny random-init ViT: 12 % of mask tokens
+    flipped under bf16 autocast, none in float32)."""
+    with autocast_off(x.device):
+        return _cls_attention_rows(attn, x.to(attn.qkv.weight.dtype))
+
+
+def _cls_attention_rows(attn: nn.Module, x: Tensor) -> Tensor:
     b, t, _ = x.shape
     q, k, _ = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densessl.amp import autocast_off
+
 
 def sample_pred_ratio(ratios: float | Sequence[float], variances: float | Sequence[float] = 0.0,
                       rng: random.Random | None = None) -> float:
@@ -163,7 +165,9 @@ def foreground_mask(attention: Tensor, keep_mass: float = 0.6, blur_sigma: float
     from torchvision.transforms.functional import gaussian_blur
 
     b, h, w = attention.shape
-    flat = gaussian_blur(attention[:, None].float(), [7, 7], [blur_sigma, blur_sigma]).reshape(b, h * w)
+    with autocast_off(attention.device):  # else the blur's conv2d runs in bf16 under bf16-mixed and the
+        # cumulative-mass threshold moves (a quarter of the tokens of a flat random-init map)
+        flat = gaussian_blur(attention[:, None].float(), [7, 7], [blur_sigma, blur_sigma]).reshape(b, h * w)
     values, order = flat.sort(dim=1)  # ascending: the tail of the cumulative mass is the foreground
     cumulative = (values / values.sum(1, keepdim=True)).cumsum(1)
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, cumulative > 1 - keep_mass)
