@@ -437,6 +437,16 @@ def test_seg_transform_resizes_and_normalises():
     assert m.shape == (20, 40) and torch.equal(m, torch.from_numpy(np.array(mask, dtype=np.int64)))
 
 
+@pytest.mark.parametrize("size", [(13, 17), (71, 53)])  # (h, w): downscale and upscale, non-integer factors
+def test_seg_transform_mask_equals_pil_nearest(size):
+    # The references resize ground-truth masks with PIL NEAREST (= torch "nearest-exact", not "nearest").
+    labels = np.random.default_rng(0).integers(0, 21, size=(31, 37), dtype=np.uint8)  # (h, w)
+    mask = Image.fromarray(labels)
+    _, m = SegTransform(size)(Image.new("RGB", mask.size), mask)
+    expected = np.array(mask.resize(size[::-1], Image.NEAREST), dtype=np.int64)
+    assert m.shape == size and np.array_equal(m.numpy(), expected)
+
+
 def test_seg_transform_train_mode():
     image = Image.new("RGB", (50, 40))
     mask = Image.fromarray(np.full((40, 50), 4, dtype=np.uint8))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision import tv_tensors
 
@@ -467,8 +467,8 @@ class SegTransform:
     """Joint image/mask transform for segmentation evaluation (and light training augmentation).
 
     ``transform(image: PIL RGB, mask: PIL label map) -> (image (3, h, w), mask (h', w') int64)``.
-    The image is resized bilinearly (antialiased) to ``size``; the mask with nearest neighbour to
-    ``mask_size`` ("same" = ``size``; None = keep the original resolution, as evaluators that
+    The image is resized bilinearly (antialiased) to ``size``; the mask with nearest neighbour (PIL's
+    NEAREST = torch "nearest-exact", as the references) to ``mask_size`` ("same" = ``size``; None = keep the original resolution, as evaluators that
     upsample predictions to full resolution need). The image is float and ImageNet-normalised
     when ``normalize`` is True, else uint8. ``train=True`` replaces the resize with a joint
     RandomResizedCrop(scale=crop_scale) + horizontal flip (uses torch's global RNG, which
@@ -510,7 +510,8 @@ class SegTransform:
         else:
             img = TF.resize(img, list(self.size), antialias=True)
             if self.mask_size is not None:
-                msk = TF.resize(msk, list(self.mask_size))  # Mask -> nearest neighbour
+                # PIL NEAREST, as the references' target transforms (torch "nearest" picks other pixels)
+                msk = TF.resize(msk, list(self.mask_size), interpolation=InterpolationMode.NEAREST_EXACT)
         img, msk = img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
         if self.normalize:
             img = TF.normalize(img.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)

@@ -79,7 +79,7 @@ class HummingbirdTransform:
     train=True: colour jitter (brightness, contrast, saturation, hue 0.1, each applied with p=0.5, on
     the whole image as the reference) then a paired RandomResizedCrop to S x S with ``crop_scale``
     (0.5-2.0: torchvision falls back to the whole image when the sampled area exceeds it), no flip.
-    train=False: square resize (image bilinear antialiased, mask nearest). Images are normalised
+    train=False: square resize (image bilinear antialiased, mask PIL-style nearest). Images are normalised
     with ImageNet mean and ``std`` (HBIRD_STD by default, see above); masks are int64, 255 = ignore.
     Randomness comes from torch's global RNG (seeded per DataLoader worker).
     """
