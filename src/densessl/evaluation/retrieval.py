@@ -18,8 +18,9 @@ Protocol of open-hummingbird-eval v2.0.0 (hbird/hbird_eval.py, hbird/utils/trans
    plain figure, which equals it whenever the matching is the identity).
 
 Differences from the reference, none of which changes the figures except (c):
-(a) memory rows are preallocated once and only the rows actually filled are searched (the reference
-    allocates ``memory_size`` rows and leaves the remainder as zero vectors inside the index);
+(a) memory rows are preallocated once and only the rows actually filled are searched (the same rows
+    as the reference, which also preallocates ``memory_size`` rows and trims the buffers to the filled
+    ones before building its index);
 (b) the confusion matrix is accumulated per batch instead of keeping every full-resolution
     prediction (~24 GB for VOC val at 504 px) and the search runs on the memory buffer itself
     (``faiss.knn``, the kernel behind ``IndexFlatIP.search``) instead of a second copy in an index;
