@@ -463,13 +463,18 @@ class ADE20KSegmentation(_SegmentationDataset):
         return Image.fromarray(_REDUCE_ZERO_LUT[np.asarray(mask)], mode="L")
 
 
+_MASK_INTERPOLATION = {"nearest-exact": InterpolationMode.NEAREST_EXACT, "nearest": InterpolationMode.NEAREST}
+
+
 class SegTransform:
     """Joint image/mask transform for segmentation evaluation (and light training augmentation).
 
     ``transform(image: PIL RGB, mask: PIL label map) -> (image (3, h, w), mask (h', w') int64)``.
     The image is resized bilinearly (antialiased) to ``size``; the mask with nearest neighbour (PIL's
-    NEAREST = torch "nearest-exact", as the references) to ``mask_size`` ("same" = ``size``; None = keep the original resolution, as evaluators that
-    upsample predictions to full resolution need). The image is float and ImageNet-normalised
+    NEAREST = torch "nearest-exact", as the NeCo/Leopart target transforms; ``mask_interpolation="nearest"``
+    selects torch's "nearest", which picks other pixels, as open-hummingbird-eval, which resizes its
+    targets as tensors) to ``mask_size`` ("same" = ``size``; None = keep the original resolution, as
+    evaluators that upsample predictions to full resolution need). The image is float and ImageNet-normalised
     when ``normalize`` is True, else uint8. ``train=True`` replaces the resize with a joint
     RandomResizedCrop(scale=crop_scale) + horizontal flip (uses torch's global RNG, which
     DataLoader seeds per worker).
@@ -482,7 +487,13 @@ class SegTransform:
         train: bool = False,
         mask_size: int | tuple[int, int] | str | None = "same",
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        mask_interpolation: str = "nearest-exact",
     ) -> None:
+        if mask_interpolation not in _MASK_INTERPOLATION:
+            raise ValueError(
+                f"mask_interpolation must be one of {sorted(_MASK_INTERPOLATION)}, got {mask_interpolation!r}"
+            )
+        self.mask_interpolation = _MASK_INTERPOLATION[mask_interpolation]
         self.size = self._pair(size)
         self.mask_size = self.size if mask_size == "same" else mask_size
         if self.mask_size is not None:
@@ -510,8 +521,7 @@ class SegTransform:
         else:
             img = TF.resize(img, list(self.size), antialias=True)
             if self.mask_size is not None:
-                # PIL NEAREST, as the references' target transforms (torch "nearest" picks other pixels)
-                msk = TF.resize(msk, list(self.mask_size), interpolation=InterpolationMode.NEAREST_EXACT)
+                msk = TF.resize(msk, list(self.mask_size), interpolation=self.mask_interpolation)
         img, msk = img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
         if self.normalize:
             img = TF.normalize(img.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)

@@ -80,8 +80,8 @@ class HummingbirdTransform:
     train=True: colour jitter (brightness, contrast, saturation, hue 0.1, each applied with p=0.5, on
     the whole image as the reference) then a paired RandomResizedCrop to S x S with ``crop_scale``
     (0.5-2.0: torchvision falls back to the whole image when the sampled area exceeds it), no flip.
-    train=False: square resize (image bilinear antialiased, mask PIL-style nearest). Images are normalised
-    with ImageNet mean and ``std`` (HBIRD_STD by default, see above); masks are int64, 255 = ignore.
+    train=False: square resize (image bilinear antialiased, mask torch "nearest" as the reference). Images
+    are normalised with ImageNet mean and ``std`` (HBIRD_STD by default, see above); masks are int64, 255 = ignore.
     Randomness comes from torch's global RNG (seeded per DataLoader worker).
     """
 
@@ -95,7 +95,8 @@ class HummingbirdTransform:
         jitter_p: float = 0.5,
     ) -> None:
         self.size, self.train, self.std = size, train, tuple(std)
-        self.resize = SegTransform(size, normalize=False)
+        # the reference resizes its targets as tensors with InterpolationMode.NEAREST = torch "nearest"
+        self.resize = SegTransform(size, normalize=False, mask_interpolation="nearest")
         self.jitter = v2.Compose(
             [
                 v2.RandomApply([v2.ColorJitter(**{name: jitter})], p=jitter_p)
