@@ -195,7 +195,7 @@ def test_transform_shapes_and_parity_std(synthetic):
 
 def test_validation_masks_resized_with_torch_nearest_as_the_reference():
     # open-hummingbird-eval resizes its targets as tensors with InterpolationMode.NEAREST = torch "nearest"
-    # (unlike PIL NEAREST / "nearest-exact", which SegTransform uses by default for NeCo/Leopart).
+    # (unlike PIL NEAREST, which SegTransform uses by default for NeCo/Leopart).
     labels = np.random.default_rng(1).integers(0, 21, size=(31, 37), dtype=np.uint8)
     mask = Image.fromarray(labels)
     for size in (13, 71):
