@@ -437,6 +437,16 @@ def test_seg_transform_resizes_and_normalises():
     assert m.shape == (20, 40) and torch.equal(m, torch.from_numpy(np.array(mask, dtype=np.int64)))
 
 
+@pytest.mark.parametrize("size", [(13, 17), (71, 53)])  # (h, w): downscale and upscale, non-integer factors
+def test_seg_transform_mask_equals_pil_nearest(size):
+    # The NeCo/Leopart references resize ground-truth masks with PIL NEAREST (not torch "nearest").
+    labels = np.random.default_rng(0).integers(0, 21, size=(31, 37), dtype=np.uint8)  # (h, w)
+    mask = Image.fromarray(labels)
+    _, m = SegTransform(size)(Image.new("RGB", mask.size), mask)
+    expected = np.array(mask.resize(size[::-1], Image.NEAREST), dtype=np.int64)
+    assert m.shape == size and np.array_equal(m.numpy(), expected)
+
+
 def test_seg_transform_train_mode():
     image = Image.new("RGB", (50, 40))
     mask = Image.fromarray(np.full((40, 50), 4, dtype=np.uint8))
@@ -447,6 +457,28 @@ def test_seg_transform_train_mode():
         SegTransform(24, train=True, mask_size=None)
     with pytest.raises(ValueError, match="size must be"):
         SegTransform((24, 24, 3))
+
+
+def test_seg_transform_train_crop_resizes_the_mask_as_pil_nearest():
+    # NeCo's linear_finetuning_transforms crop the PIL target with NEAREST (= "nearest-exact"): the crop
+    # (torchvision's RandomResizedCrop parameters, then p=0.5 flip) is read back from the same seed.
+    import torchvision.transforms as T
+
+    labels = np.random.default_rng(2).integers(0, 21, size=(45, 61), dtype=np.uint8)
+    mask = Image.fromarray(labels)
+    flips = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        _, m = SegTransform(29, train=True, crop_scale=(0.3, 1.0))(Image.new("RGB", mask.size), mask)
+        torch.manual_seed(seed)
+        i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(1, 45, 61), (0.3, 1.0), (3 / 4, 4 / 3))
+        flip = bool(torch.rand(()) < 0.5)
+        expected = mask.crop((j, i, j + w, i + h)).resize((29, 29), Image.NEAREST)
+        if flip:
+            expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+        flips.add(flip)
+        assert np.array_equal(m.numpy(), np.array(expected, dtype=np.int64)), seed
+    assert flips == {True, False}
 
 
 # ---------------------------------------------------------------------------------------------

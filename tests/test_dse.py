@@ -287,6 +287,51 @@ def test_regularizer_gradient_and_rng():
     assert dse_regularizer(x.detach(), generator=gen).item() == pytest.approx(value.item(), abs=1e-4)
 
 
+def _official_dse_float64(f: torch.Tensor, local_labels: torch.Tensor, group_labels: torch.Tensor,
+                          k_group: int) -> torch.Tensor:
+    """DSE_regularizer.py's compute_DSE_loss restated in float64 with given k-means labels (one group)."""
+    b, n, d = f.shape
+    x = torch.nn.functional.normalize(f, dim=-1)
+    avg_l2 = torch.norm(x - x.mean(dim=(0, 1), keepdim=True), dim=-1).mean()
+
+    def css(c):
+        return torch.linalg.svdvals(c - c.mean(0, keepdim=True)).sum() / math.sqrt(max(c.shape[0] - 1, d))
+
+    per_image = []
+    for i in range(b):
+        ranks = [css(x[i][local_labels[i] == c]) for c in local_labels[i].unique() if (local_labels[i] == c).sum() > 1]
+        per_image.append(torch.stack(ranks).mean())
+    intra_img = torch.stack(per_image).mean() / (avg_l2 + 1e-12)
+    flat = x.reshape(-1, d)
+    centroids = torch.stack([flat[group_labels == c].mean(0) for c in range(k_group)]).detach()  # converged k-means
+    dist = torch.cdist(flat, centroids)
+    own = torch.nn.functional.one_hot(group_labels, k_group).bool()
+    inter = (dist + own * 1e9).min(1).values.mean() / (avg_l2 + 1e-12)
+    intra_batch = torch.stack([css(flat[group_labels == c]) for c in range(k_group)]).mean() / (avg_l2 + 1e-12)
+    sigma = torch.linalg.svdvals(flat)
+    p = sigma / (sigma.sum() + 1e-12) + 1e-12
+    dim = torch.exp(-(p * p.log()).sum()) / min(flat.shape)
+    return inter + dim - 0.5 * (intra_batch + intra_img)
+
+
+def test_regularizer_gradient_equals_the_official_formula_on_separated_clusters():
+    # 2 images x 2 well-separated clusters each (4 in the group): every k-means finds the true partition.
+    g = torch.Generator().manual_seed(5)
+    b, n, d, k_local, k_group = 2, 24, 10, 2, 4
+    centres = 3.0 * torch.eye(d)[:k_group] + 1.0  # distinct directions, a common offset (non-zero batch mean)
+    local_labels = (torch.arange(n) % 2).repeat(b, 1)  # (b, n)
+    group_labels = (local_labels + 2 * torch.arange(b)[:, None]).reshape(-1)
+    f = (centres[group_labels] + 0.05 * torch.randn(b * n, d, generator=g, dtype=torch.float64)).reshape(b, n, d)
+    f = f.double().requires_grad_(True)
+    value = dse_regularizer(f, local_clusters=k_local, global_clusters=k_group, group_size=b)
+    (grad,) = torch.autograd.grad(value, f)
+    f_ref = f.detach().clone().requires_grad_(True)
+    reference = _official_dse_float64(f_ref, local_labels, group_labels, k_group)
+    (grad_ref,) = torch.autograd.grad(reference, f_ref)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-9)  # also: k-means found the true clusters
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9 * grad_ref.abs().max().item())
+
+
 def test_regularizer_gradient_finite_on_duplicate_tokens():
     # every image is one repeated token: duplicate centroids and zero distances
     x = _gaussian(15, (4, 1, 32)).expand(4, 49, 32).contiguous().requires_grad_(True)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import TinyBackbone
 from test_linear import ColourBackbone, ColourScenes
@@ -190,6 +191,19 @@ def test_transform_shapes_and_parity_std(synthetic):
     x, _ = HummingbirdTransform(64, train=False)(image, mask)
     raw = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     assert torch.allclose(x[2], (raw[2] - 0.406) / 0.255, atol=1e-5)
+
+
+def test_validation_masks_resized_with_torch_nearest_as_the_reference():
+    # open-hummingbird-eval resizes its targets as tensors with InterpolationMode.NEAREST = torch "nearest"
+    # (unlike PIL NEAREST, which SegTransform uses by default for NeCo/Leopart).
+    labels = np.random.default_rng(1).integers(0, 21, size=(31, 37), dtype=np.uint8)
+    mask = Image.fromarray(labels)
+    for size in (13, 71):
+        _, y = HummingbirdTransform(size, train=False)(Image.new("RGB", mask.size), mask)
+        expected = F.interpolate(torch.from_numpy(labels)[None, None].float(), size=(size, size), mode="nearest")
+        assert torch.equal(y, expected[0, 0].long())
+        pil = torch.from_numpy(np.array(mask.resize((size, size), Image.NEAREST), dtype=np.int64))
+        assert not torch.equal(y, pil)  # the two rules pick different pixels here
 
 
 def test_hummingbird_end_to_end(synthetic):

@@ -168,11 +168,9 @@ def test_loss_terms_match_hand_computation():
                           + (1 - alpha) * T[gg, i])
     plus_g = np.mean([_ce(u_g[vv, i], zero, tt, P[vv, i], ts) for vv in (0, 1) for i in range(b)])
     plus_l = np.mean([_ce(u_l[gg, i], zero, tt, P[2, i], ts) for gg in (0, 1) for i in range(b)])
-    patch = []
-    for vv in (0, 1):
-        terms = [_ce(TP[vv, i, j], zero, tt, s_patch[vv, i, j].numpy(), ts)
-                 for i in range(b) for j in range(s) if valid[vv, i, j]]
-        patch.append(np.mean(terms))
+    # patch: one mean over the valid samples of both directions (the reference pools them)
+    patch = [_ce(TP[vv, i, j], zero, tt, s_patch[vv, i, j].numpy(), ts)
+             for vv in (0, 1) for i in range(b) for j in range(s) if valid[vv, i, j]]
     hand = {"loss_cls": (2 * cls_g + 2 * n_l * cls_l) / (2 + 2 * n_l),
             "loss_cls_plus": (2 * plus_g + 2 * n_l * plus_l) / (2 + 2 * n_l), "loss_patch": np.mean(patch)}
     hand["loss"] = (hand["loss_cls"] + hand["loss_cls_plus"] + hand["loss_patch"]) / 3
@@ -186,6 +184,28 @@ def test_loss_terms_match_hand_computation():
     patch_rows = TP[valid.numpy()]
     patch_mean = (patch_rows.sum(0) + plus_sum_l.sum((0, 1, 2)).numpy()) / (len(patch_rows) + plus_count_l.sum().item())
     np.testing.assert_allclose(loss.centre_patch.centre[0].numpy(), 0.1 * patch_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_loss_pools_both_directions_with_unequal_valid_counts():
+    # 44 valid samples in direction 0, 40 in direction 1: the per-direction average would differ.
+    g = torch.Generator().manual_seed(3)
+    b, s, k, tt, ts = 4, 16, 8, 0.04, 0.1
+    s_patch, t_patch = torch.randn(2, b, s, k, generator=g), torch.randn(2, b, s, k, generator=g)
+    valid = torch.zeros(2, b, s, dtype=torch.bool)
+    valid[0].view(-1)[torch.randperm(b * s, generator=g)[:44]] = True
+    valid[1].view(-1)[torch.randperm(b * s, generator=g)[:40]] = True
+    s_patch[1] += 2.0 * torch.randn(k, generator=g)  # directions with clearly different mean losses
+    s_cls, s_plus, t_cls = (torch.randn(2, b, k, generator=g) for _ in range(3))
+    loss = UDILoss(k, 0.5, ts)
+    out = loss(s_cls, s_plus, s_patch, t_cls, t_patch, valid, torch.zeros(0, 2, b, k), torch.zeros(0, 2, b), tt)
+    zero = np.zeros(k)
+    per_sample = {vv: [_ce(t_patch[vv, i, j].numpy(), zero, tt, s_patch[vv, i, j].numpy(), ts)
+                       for i in range(b) for j in range(s) if valid[vv, i, j]] for vv in (0, 1)}
+    assert (len(per_sample[0]), len(per_sample[1])) == (44, 40)
+    pooled = (sum(per_sample[0]) + sum(per_sample[1])) / 84
+    per_direction = (np.mean(per_sample[0]) + np.mean(per_sample[1])) / 2
+    assert abs(pooled - per_direction) > 1e-3  # the case tells the two poolings apart
+    assert out["loss_patch"].item() == pytest.approx(pooled, rel=1e-5)
 
 
 def test_crop_weighting_and_schedules():

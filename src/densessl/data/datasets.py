@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+import torchvision.transforms as T
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision import tv_tensors
 
@@ -463,16 +464,22 @@ class ADE20KSegmentation(_SegmentationDataset):
         return Image.fromarray(_REDUCE_ZERO_LUT[np.asarray(mask)], mode="L")
 
 
+_MASK_INTERPOLATION = ("pil", "nearest")
+
+
 class SegTransform:
     """Joint image/mask transform for segmentation evaluation (and light training augmentation).
 
     ``transform(image: PIL RGB, mask: PIL label map) -> (image (3, h, w), mask (h', w') int64)``.
     The image is resized bilinearly (antialiased) to ``size``; the mask with nearest neighbour to
-    ``mask_size`` ("same" = ``size``; None = keep the original resolution, as evaluators that
-    upsample predictions to full resolution need). The image is float and ImageNet-normalised
-    when ``normalize`` is True, else uint8. ``train=True`` replaces the resize with a joint
-    RandomResizedCrop(scale=crop_scale) + horizontal flip (uses torch's global RNG, which
-    DataLoader seeds per worker).
+    ``mask_size`` ("same" = ``size``; None = keep the original resolution, as evaluators that upsample
+    predictions to full resolution need): by PIL's ``Image.NEAREST`` itself (``mask_interpolation="pil"``,
+    as the NeCo/Leopart target transforms; torch "nearest-exact" is the same rule but can pick a
+    neighbouring pixel where PIL's coordinate rounding differs), or by torch "nearest" (``"nearest"``, as
+    open-hummingbird-eval, which resizes its targets as tensors; it picks other pixels). The image is
+    float and ImageNet-normalised when ``normalize`` is True, else uint8. ``train=True`` replaces the
+    resize with a joint RandomResizedCrop(scale=crop_scale) + horizontal flip, the mask cut and resized
+    by the same rule (uses torch's global RNG, which DataLoader seeds per worker).
     """
 
     def __init__(
@@ -482,7 +489,11 @@ class SegTransform:
         train: bool = False,
         mask_size: int | tuple[int, int] | str | None = "same",
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        mask_interpolation: str = "pil",
     ) -> None:
+        if mask_interpolation not in _MASK_INTERPOLATION:
+            raise ValueError(f"mask_interpolation must be one of {_MASK_INTERPOLATION}, got {mask_interpolation!r}")
+        self.mask_interpolation = mask_interpolation
         self.size = self._pair(size)
         self.mask_size = self.size if mask_size == "same" else mask_size
         if self.mask_size is not None:
@@ -490,9 +501,7 @@ class SegTransform:
         if train and self.mask_size != self.size:
             raise ValueError("SegTransform(train=True) crops image and mask jointly: use mask_size='same'")
         self.normalize, self.train = normalize, train
-        self.augment = v2.Compose(
-            [v2.RandomResizedCrop(self.size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
-        )
+        self.crop_scale = tuple(crop_scale)
 
     @staticmethod
     def _pair(size: int | tuple[int, int] | str) -> tuple[int, int]:
@@ -502,15 +511,35 @@ class SegTransform:
             return (size[0], size[1])
         raise ValueError(f"size must be an int or an (h, w) pair of ints, got {size!r}")
 
+    def _resize_mask(self, mask: Image.Image, msk: torch.Tensor, size: tuple[int, int],
+                     box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """The label map ``msk`` (= ``mask`` as int64) cut to ``box`` (top, left, height, width), at ``size``."""
+        if self.mask_interpolation == "pil" and isinstance(mask, Image.Image):
+            if box is not None:
+                top, left, height, width = box
+                mask = mask.crop((left, top, left + width, top + height))
+            mask = mask.resize((size[1], size[0]), Image.NEAREST)
+            return tv_tensors.Mask(torch.from_numpy(np.array(mask, dtype=np.int64)))
+        if box is not None:
+            msk = TF.crop(msk, *box)
+        mode = InterpolationMode.NEAREST if self.mask_interpolation == "nearest" else InterpolationMode.NEAREST_EXACT
+        return TF.resize(msk, list(size), interpolation=mode)
+
     def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img = tv_tensors.Image(TF.pil_to_tensor(image.convert("RGB")))
         msk = tv_tensors.Mask(torch.from_numpy(np.array(mask, dtype=np.int64)))
         if self.train:
-            img, msk = self.augment(img, msk)
+            # torchvision's RandomResizedCrop parameters and a p=0.5 flip, done by hand so the mask is
+            # resized by ``mask_interpolation`` (v2's resized_crop always uses torch "nearest" for masks)
+            i, j, h, w = T.RandomResizedCrop.get_params(img, self.crop_scale, (3 / 4, 4 / 3))
+            img = TF.resized_crop(img, i, j, h, w, list(self.size), antialias=True)
+            msk = self._resize_mask(mask, msk, self.size, (i, j, h, w))
+            if torch.rand(()) < 0.5:
+                img, msk = TF.horizontal_flip(img), TF.horizontal_flip(msk)
         else:
             img = TF.resize(img, list(self.size), antialias=True)
             if self.mask_size is not None:
-                msk = TF.resize(msk, list(self.mask_size))  # Mask -> nearest neighbour
+                msk = self._resize_mask(mask, msk, self.mask_size)
         img, msk = img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
         if self.normalize:
             img = TF.normalize(img.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)

@@ -18,8 +18,9 @@ Protocol of open-hummingbird-eval v2.0.0 (hbird/hbird_eval.py, hbird/utils/trans
    plain figure, which equals it whenever the matching is the identity).
 
 Differences from the reference, none of which changes the figures except (c):
-(a) memory rows are preallocated once and only the rows actually filled are searched (the reference
-    allocates ``memory_size`` rows and leaves the remainder as zero vectors inside the index);
+(a) memory rows are preallocated once and only the rows actually filled are searched (the same rows
+    as the reference, which also preallocates ``memory_size`` rows and trims the buffers to the filled
+    ones before building its index);
 (b) the confusion matrix is accumulated per batch instead of keeping every full-resolution
     prediction (~24 GB for VOC val at 504 px) and the search runs on the memory buffer itself
     (``faiss.knn``, the kernel behind ``IndexFlatIP.search``) instead of a second copy in an index;
@@ -79,8 +80,8 @@ class HummingbirdTransform:
     train=True: colour jitter (brightness, contrast, saturation, hue 0.1, each applied with p=0.5, on
     the whole image as the reference) then a paired RandomResizedCrop to S x S with ``crop_scale``
     (0.5-2.0: torchvision falls back to the whole image when the sampled area exceeds it), no flip.
-    train=False: square resize (image bilinear antialiased, mask nearest). Images are normalised
-    with ImageNet mean and ``std`` (HBIRD_STD by default, see above); masks are int64, 255 = ignore.
+    train=False: square resize (image bilinear antialiased, mask torch "nearest" as the reference). Images
+    are normalised with ImageNet mean and ``std`` (HBIRD_STD by default, see above); masks are int64, 255 = ignore.
     Randomness comes from torch's global RNG (seeded per DataLoader worker).
     """
 
@@ -94,7 +95,8 @@ class HummingbirdTransform:
         jitter_p: float = 0.5,
     ) -> None:
         self.size, self.train, self.std = size, train, tuple(std)
-        self.resize = SegTransform(size, normalize=False)
+        # the reference resizes its targets as tensors with InterpolationMode.NEAREST = torch "nearest"
+        self.resize = SegTransform(size, normalize=False, mask_interpolation="nearest")
         self.jitter = v2.Compose(
             [
                 v2.RandomApply([v2.ColorJitter(**{name: jitter})], p=jitter_p)

@@ -85,9 +85,10 @@ class UDILoss(nn.Module):
         plus_l = (distill_ce(s_plus[2:, None], teacher_probs(u_l, self.centre_plus.centre, tt), ts).mean()
                   if n_local else None)
 
-        # (iii) patch: valid samples pooled over the batch, per direction, then averaged
+        # (iii) patch: one mean over the valid samples of both directions and the whole batch (the
+        # reference pools them; averaging each direction first would weight a sample by 1 / its direction's count)
         ce = distill_ce(s_patch, teacher_probs(t_patch, self.centre_patch.centre, tt), ts)
-        patch = ((ce * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)).mean()
+        patch = (ce * mask).sum() / mask.sum().clamp_min(1)
 
         terms = {"loss_cls": crop_weighted(cls_g, cls_l, 2, n_local),
                  "loss_cls_plus": crop_weighted(plus_g, plus_l, 2, n_local),

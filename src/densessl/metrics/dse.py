@@ -395,6 +395,9 @@ def _centre(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch-centred tokens. features: (B, N, D) -> (y (B, N, D) in store, mean (D,), |y| (B, N)).
 
+    ``y`` and ``mean`` carry no gradient through the mean (``y + mean`` has the gradient of the
+    normalised tokens); ``|y|`` does.
+
     Normalising, centring and |y| are computed in ``work`` over chunks of images, so a
     float64 pass never materialises a float64 copy of the whole batch.
     """
@@ -408,12 +411,19 @@ def _centre(
 
     mean = sum(_parallel_map(lambda f: scaled(f).sum((0, 1)), chunks, features.device)) / (B * N)
 
+    # Centring is numerical only: the reference computes every term on the uncentred tokens, so no
+    # gradient may flow through the mean used to centre ``y`` (the inter term's distances to the detached
+    # centroids would otherwise add one constant vector to every token's gradient; css is translation
+    # invariant and M_dim adds the detached mean back). Only |y| (for s) is, as the reference's avg_l2,
+    # the distance to the mean with its gradient.
+    fixed = mean.detach()
+
     def centre(f: Tensor) -> tuple[Tensor, Tensor]:
-        y = scaled(f) - mean
-        return y.to(store), torch.linalg.vector_norm(y, dim=-1)
+        x = scaled(f)
+        return (x - fixed).to(store), torch.linalg.vector_norm(x - mean, dim=-1)
 
     ys, norms = zip(*_parallel_map(centre, chunks, features.device))
-    return torch.cat(ys), mean, torch.cat(norms)
+    return torch.cat(ys), fixed, torch.cat(norms)
 
 
 def _terms(features: Tensor, rules: _Rules, **options: Any) -> dict[str, Tensor]:
