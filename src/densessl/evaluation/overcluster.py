@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,9 @@ from torch import Tensor
 
 from densessl.evaluation.features import DenseFeatures
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, match_hungarian, match_many_to_one, miou
+from densessl.faiss_import import import_faiss
+
+faiss = import_faiss()
 
 __all__ = [
     "OverclusterInputs",
@@ -238,7 +240,8 @@ def _check_gpu(gpu: bool) -> None:
     # No silent CPU fallback: a GPU run that quietly takes hours on the CPU is worse than an error.
     if gpu and faiss.get_num_gpus() == 0:
         raise ValueError(
-            "gpu=True needs a faiss build with GPU support and a visible GPU: install faiss-gpu or pass gpu=False"
+            "gpu=True needs a faiss build with GPU support and a visible GPU: install faiss-gpu instead of faiss-cpu "
+            '(pip uninstall faiss-cpu && pip install -e ".[gpu]", or conda-forge faiss-gpu) or pass gpu=False'
         )
 
 

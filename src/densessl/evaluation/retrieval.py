@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,9 @@ from densessl.data.datasets import SegTransform
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, iou_from_confusion, match_hungarian, miou
 from densessl.evaluation.overcluster import _check_gpu, _faiss_threads
 from densessl.evaluation.protocols import _WithTransform
+from densessl.faiss_import import import_faiss
+
+faiss = import_faiss()
 
 __all__ = [
     "HBIRD_STD",
