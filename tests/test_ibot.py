@@ -175,6 +175,15 @@ def test_block_mask_statistics() -> None:
     assert abs((frac == 0).mean() - 0.51) < 0.06 and abs(frac.mean() - 0.14) < 0.015
 
 
+def test_rcc_box_in_the_last_half_cell_of_a_small_grid_keeps_one_cell() -> None:
+    """A box starting at 0.8 of a 2x2 grid rounds its start to 2, past its clamped end 1: it must still be
+    one cell (this divided by zero in a 32 px / patch 16 run)."""
+    from densessl.transforms.masks import rcc_mask
+
+    mask = rcc_mask(2, 2, 0.5, boxes=[(0.8, 0.8, 1.0, 1.0)], rng=random.Random(0))
+    assert mask.shape == (2, 2) and mask.sum() <= 1  # one cell at most (a cut may start a patch early)
+
+
 def test_rcc_mask_statistics() -> None:
     rng = random.Random(0)
     for rho, expected in ((0.2, 0.219), (0.4, 0.422), (0.6, 0.597)):

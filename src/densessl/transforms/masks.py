@@ -111,8 +111,9 @@ def rcc_mask(h: int, w: int, ratio: float, boxes: Sequence[tuple[float, float, f
     boxes = list(boxes) if boxes is not None else rcc_boxes(rng=rng)
     keep = np.ones((h, w), dtype=bool)
     for x1f, y1f, x2f, y2f in sorted(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True):
-        x1, x2 = round(x1f * w), min(round(x2f * w), w - 1)
-        y1, y2 = round(y1f * h), min(round(y2f * h), h - 1)
+        x2, y2 = min(round(x2f * w), w - 1), min(round(y2f * h), h - 1)
+        # A box starting in the last half-cell rounds past the clamped end on small grids: keep one cell.
+        x1, y1 = min(round(x1f * w), x2), min(round(y1f * h), y2)
         area = (y2 - y1 + 1) * (x2 - x1 + 1)
         cut = 1.0 - keep[y1:y2 + 1, x1:x2 + 1].sum() / area
         if cut > ratio:
