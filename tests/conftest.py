@@ -25,3 +25,12 @@ def synthetic(tmp_path_factory):
     """(train, val) VOCSegmentation of 8 + 4 synthetic 64 px scenes."""
     root = ensure_synthetic_voc(tmp_path_factory.mktemp("voc") / "synthetic", n_train=8, n_val=4, size=64)
     return VOCSegmentation(root, "train"), VOCSegmentation(root, "val")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-tensor tests: faster, and far faster on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,13 +25,7 @@ TINY_RESNET = dict(name="resnet50", model_kwargs=dict(layers=[1, 1, 1, 1]))  # R
 TINY_VIT = dict(name="vit_tiny", model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a single thread is faster, and far faster on a shared, busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def make_method(backbone=TINY_VIT, **kwargs) -> DenseCL:

@@ -44,12 +44,7 @@ LOSS_RTOL = 0.02
 GRAD_COSINE = 0.8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
