@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.forked_runs import launch
 from test_cli import ROOT, TINY_DATA
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -32,13 +33,7 @@ def _runs(tmp_path: Path, cache: Path, *runs: list[str] | tuple[list[str], dict]
     for i, run in enumerate(runs):
         args, env = run if isinstance(run, tuple) else (run, {})
         specs.append({"args": [*RUN, *args], "env": env, "cwd": str(cwd), "log": str(tmp_path / f"run{i}.log")})
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(specs))
-    proc = subprocess.run([sys.executable, str(HELPERS / "forked_runs.py"), str(spec)], cwd=ROOT, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    codes = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [(code, Path(s["log"]).read_text()) for code, s in zip(codes, specs)]
+    return launch(specs, tmp_path / "runs.json", _env(cache))
 
 
 def _signal(step: int, name: str) -> list[str]:

@@ -4,15 +4,30 @@ them on the test machine). Each run is a real process, in its own process group:
 statuses and files are those of `python experiments/train.py ARGS`.
 
 python forked_runs.py SPEC.json, SPEC a list of {"args": [...], "env": {...}, "cwd": dir, "log": file}
-(stdout and stderr of the run). Prints the exit codes as one JSON list (-N: killed by signal N)."""
+(stdout and stderr of the run). Prints the exit codes as one JSON list (-N: killed by signal N).
+From a test: launch(specs, ...) runs this script and returns (exit code, log text) per run."""
 import json
 import multiprocessing
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parents[2] / "experiments" / "train.py"
+HERE = Path(__file__).resolve().parent
+TRAIN = HERE.parents[1] / "experiments" / "train.py"
+
+
+def launch(specs: list[dict], spec_file: Path, env: dict[str, str], timeout: float = 600) -> list[tuple[int, str]]:
+    """Run ``specs`` in order through this script (one subprocess, ``env`` plus this folder on PYTHONPATH
+    so that specs can name test-only callbacks); (exit code, log text) of each run."""
+    spec_file.write_text(json.dumps(specs))
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE / "forked_runs.py"), str(spec_file)], cwd=TRAIN.parents[1],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [(code, Path(s["log"]).read_text()) for code, s in zip(codes, specs)]
 
 
 def run(spec: dict) -> None:

@@ -11,9 +11,15 @@ import torch
 class DSEMonitor(L.Callback):
     """Every ``every_n_epochs`` epochs (or ``every_n_steps`` steps), compute DSE and its terms on the
     same ``num_images`` images of ``dataset`` and log them as ``dse/value``, ``dse/inter``, ... to every
-    logger. The value is also logged through the LightningModule, so
+    logger, one row at ``trainer.global_step`` per evaluation. The values also go to the trainer's
+    ``callback_metrics`` (``pl_module.log(..., logger=False)``), so
     ``ModelCheckpoint(monitor="dse/value", mode="max", save_top_k=k)`` keeps the top-k checkpoints by DSE.
-    Computed once on rank 0 and broadcast, so every rank logs the same figure.
+
+    Under DDP the DSE is computed once, on rank 0, and broadcast: every rank holds the same figures, so
+    ModelCheckpoint decides the same on every rank and the logs have one value per evaluation. They are
+    logged with ``sync_dist=True, reduce_fx="max"``: a no-op on equal values (max, unlike a mean, returns
+    them bitwise) that keeps Lightning's epoch-level ``sync_dist`` warning away. Only ``dse/seconds``
+    differs between ranks (rank 0's cost vs. the others' wait); its max is rank 0's.
     """
 
     def __init__(self, dataset: Any, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
@@ -22,7 +28,7 @@ class DSEMonitor(L.Callback):
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.history: list[dict[str, float]] = []
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, log_through_module: bool) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from densessl.evaluation.protocols import evaluate_dse
 
         values = None
@@ -35,12 +41,10 @@ class DSEMonitor(L.Callback):
         cost = time.perf_counter() - start
         values["dse/seconds"] = cost
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
-        if log_through_module:
-            for k, v in values.items():
-                pl_module.log(k, v, rank_zero_only=False)
-        else:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+        for k, v in values.items():  # callback_metrics (ModelCheckpoint's monitor), the same on every rank
+            pl_module.log(k, v, logger=False, sync_dist=True, reduce_fx="max")
+        for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
+            logger.log_metrics(values, step=trainer.global_step)
         if trainer.is_global_zero:
             print(f"[DSE] step {trainer.global_step}: value={values['dse/value']:.4f} inter={values['dse/inter']:.4f} "
                   f"intra_img={values['dse/intra_img']:.4f} intra_batch={values['dse/intra_batch']:.4f} "
@@ -49,8 +53,8 @@ class DSEMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module, log_through_module=False)
+            self._run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._run(trainer, pl_module, log_through_module=True)
+            self._run(trainer, pl_module)
