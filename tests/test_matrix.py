@@ -4,7 +4,10 @@ entry point experiments/train.py on the CPU.
 Factors: objective (neco, neco_fg = method.loss_mask=fg, ibot, ibot_dc = method.decoupling=true, udi,
 densecl) x precision (32, bf16 = trainer.precision=bf16-mixed) x DSE regularizer (off, on =
 dse.regularizer.weight=0.001) x strategy (single process, ddp = trainer=ddp trainer.accelerator=cpu
-trainer.devices=2, gloo) x callbacks (default, all = [default,dse,overcluster,linear,retrieval]).
+trainer.devices=2, gloo) x callbacks (default, all = [default,dse,overcluster,linear,retrieval], with
+callbacks.checkpoint.monitor=dse/value). The ddp cells add trainer.strategy=ddp_fork: the same DDPStrategy
+with forked ranks instead of a re-launched script, which would re-import torch (~15 s a run here); the
+re-launch itself is tested by tests/test_ddp.py.
 The cells come from helpers/pairwise.py (greedy all-pairs, a 2-process cell costing 2.5 pairs): every
 pair of levels of every two factors is in some cell, except objective x strategy, which
 tests/test_ddp.py covers for every objective (keeping 2-process cells, ~10x slower, to two). Every cell
@@ -159,6 +162,7 @@ def test_cell_trains_checkpoints_and_resumes(matrix, cell):
     if cell["callbacks"] == "all":  # ModelCheckpoint(monitor="dse/value") found the monitored value
         [state] = [s for s in last["callbacks"].values() if s.get("monitor") == "dse/value"]
         assert math.isfinite(float(state["best_model_score"])), state
+    assert last["SSLDataModule"]["world"] == (2 if cell["strategy"] == "ddp" else 1)  # see test_resume.py
     if cell["strategy"] == "ddp":
         assert SYNC_WARNING not in out1 + out2
         r0, r1 = (torch.load(folder / "dump" / f"rank{r}.pt") for r in (0, 1))

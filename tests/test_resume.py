@@ -182,3 +182,27 @@ def test_unreadable_or_foreign_checkpoint_on_resume_is_a_clear_error(tmp_path, c
     assert "error: cannot read checkpoint" in outs[0][1] and "bad.ckpt" in outs[0][1]
     assert "does not match this model" in outs[2][1]
     assert not any("Traceback" in out for _, out in outs)
+
+
+def test_mid_epoch_checkpoint_on_another_world_size_is_a_start_up_error(tmp_path):
+    """The loader position of a mid-epoch checkpoint counts batches per rank: resuming it on another
+    number of processes would skip or repeat images, so it stops before training, naming the fix."""
+    from densessl.training import check_resume_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    (path.parent / "epoch000-step4.ckpt").write_bytes(b"")
+
+    def save(data: dict) -> str:
+        torch.save({"state_dict": model.state_dict(), "global_step": 5, "SSLDataModule": data}, path)
+        return str(path)
+
+    mid = save({"epoch": 1, "batches": 1, "world": 2})
+    with pytest.raises(ValueError, match=r"mid-epoch \(batch 1 of epoch 1\) by a run on 2 process") as info:
+        check_resume_checkpoint(mid, model, world_size=1)
+    assert "trainer.devices" in str(info.value) and "epoch000-step4.ckpt" in str(info.value)
+    assert check_resume_checkpoint(mid, model, world_size=2) == 5
+    # an epoch-end position, or a checkpoint from before the world size was recorded: any world size
+    assert check_resume_checkpoint(save({"epoch": 2, "batches": 0, "world": 2}), model, world_size=1) == 5
+    assert check_resume_checkpoint(save({"epoch": 1, "batches": 1}), model, world_size=4) == 5

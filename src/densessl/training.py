@@ -85,9 +85,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def check_resume_checkpoint(path: str, model: L.LightningModule) -> int:
+def check_resume_checkpoint(path: str, model: L.LightningModule, world_size: int = 1) -> int:
     """The checkpoint's global step. Fails before training, with the file named, when a checkpoint is
-    unreadable or belongs to another model: never a silent restart from scratch."""
+    unreadable or belongs to another model (never a silent restart from scratch), or was written
+    mid-epoch by a run on another number of processes than ``world_size`` (its loader position counts
+    batches per rank: resumed on another world size, images of that epoch would be skipped or repeated)."""
     import torch
 
     others = sorted(str(p.name) for p in Path(path).parent.glob("*.ckpt") if str(p) != path)
@@ -105,6 +107,14 @@ def check_resume_checkpoint(path: str, model: L.LightningModule) -> int:
         raise ValueError(f"checkpoint {path} does not match this model: missing {sorted(set(own) - keys)[:5]}, "
                          f"unexpected {sorted(keys - set(own))[:5]}, other shapes {shapes[:5]}. Resume with the "
                          f"same method/backbone config as the run that wrote it (its config.yaml).")
+    data = checkpoint.get("SSLDataModule") or {}
+    if data.get("batches", 0) > 0 and data.get("world", world_size) != world_size:
+        raise ValueError(f"checkpoint {path} was written mid-epoch (batch {data['batches']} of epoch {data['epoch']}) "
+                         f"by a run on {data['world']} process(es); this run has {world_size} (trainer.devices x "
+                         f"trainer.num_nodes). Resume it with trainer.devices/trainer.num_nodes giving "
+                         f"{data['world']} processes, or resume from an epoch-end checkpoint of that run "
+                         f"({[n for n in others if n.startswith('epoch')] or 'none found'}), which any number of "
+                         f"processes can continue.")
     return int(checkpoint.get("global_step", 0))
 
 
@@ -179,7 +189,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary["before"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
     ckpt = resolve_resume(cfg.resume, run_dir)
     if ckpt is not None:
-        print(f"resuming from {ckpt} (step {check_resume_checkpoint(ckpt, model)})", flush=True)
+        print(f"resuming from {ckpt} (step {check_resume_checkpoint(ckpt, model, trainer.world_size)})", flush=True)
     elif cfg.resume == "auto":
         print(f"resume=auto: nothing to resume in {run_dir / 'checkpoints'}, starting from scratch", flush=True)
     # Lightning warns on a mid-epoch resume unless the DataLoader itself is stateful; here the

@@ -128,8 +128,9 @@ class SSLDataModule(L.LightningDataModule):
         loop = self.trainer.fit_loop
         done = loop.epoch_loop.batch_progress.current.processed
         if loop.epoch_progress.current.processed > self.sampler.epoch or done >= self.trainer.num_training_batches:
-            return {"epoch": self.sampler.epoch + 1, "batches": 0}
-        return {"epoch": self.sampler.epoch, "batches": done}
+            return {"epoch": self.sampler.epoch + 1, "batches": 0, "world": self.sampler.world}
+        # "world": a mid-epoch position counts batches per rank (training.check_resume_checkpoint).
+        return {"epoch": self.sampler.epoch, "batches": done, "world": self.sampler.world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.start = {**self.start, **state}
