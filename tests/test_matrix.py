@@ -81,11 +81,12 @@ OPTIONS = {
                            "callbacks.linear.max_iter=5", "callbacks.linear.max_train_images=4",
                            "callbacks.retrieval.max_train_images=4", "callbacks.retrieval.k=5",
                            "overcluster.image_size=32", "overcluster.mask_size=32", "overcluster.ks=[7]",
-                           "overcluster.pca_dim=8", "overcluster.max_images=4", "overcluster.num_vis=1"],
+                           "overcluster.pca_dim=8", "overcluster.max_images=4", "overcluster.num_vis=1",
+                           "overcluster.seeds=[0]", "overcluster.niter=5"],
 }
 # One batch of 2 images per process and epoch: run 1 is epoch 0 (step 1), the resumed run 2 epoch 1 (step 2).
 COMMON = [*TINY_DATA, *TINY_VIT, "logger=[csv]", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-          "eval_before_after=false", "trainer.limit_train_batches=1", "trainer.num_sanity_val_steps=0"]
+          "trainer.limit_train_batches=1", "trainer.num_sanity_val_steps=0"]
 FIGURES = ["dse/value", "val/overcluster/k7_miou_mean", "val/linear/linear_miou_full_res", "val/retrieval/hbird_miou"]
 SYNC_WARNING = "sync_dist=True"  # Lightning: "It is recommended to use `self.log(..., sync_dist=True)` ..."
 
@@ -96,7 +97,8 @@ def cell_id(cell: dict) -> str:
 
 def cell_args(cell: dict, run: Path, dump: Path) -> list[str]:
     args = [*COMMON, *OBJECTIVES[cell["objective"]], f"hydra.run.dir={run}",
-            f"data.max_images={4 if cell['strategy'] == 'ddp' else 2}"]
+            f"data.max_images={4 if cell['strategy'] == 'ddp' else 2}",
+            f"eval_before_after={cell['callbacks'] == 'all'}"]  # overclustering before and after as well
     for key, value in cell.items():
         args += OPTIONS.get((key, value), [])
     if cell["strategy"] == "ddp":
@@ -155,10 +157,14 @@ def test_cell_trains_checkpoints_and_resumes(matrix, cell):
         assert all("bfloat16 Automatic Mixed Precision" in out for out in (out1, out2))
     regs = _values(rows, "train/dse_reg")
     assert (len(regs) == 2 and all(map(math.isfinite, regs))) if cell["dse_reg"] == "on" else regs == []
-    for key in FIGURES:  # once after each run's epoch
+    for key in FIGURES:  # once after each run's epoch; the mIoUs in (0, 1]
         figures = _values(rows, key)
         assert (len(figures) == 2 and all(map(math.isfinite, figures))) if cell["callbacks"] == "all" \
             else figures == [], (key, figures)
+        assert all(0.0 < f <= 1.0 for f in figures) or key == "dse/value", (key, figures)
+    if cell["callbacks"] == "all":  # eval_before_after: the before/after table and pictures, each run
+        assert all("overclustering mIoU" in out and "after" in out for out in (out1, out2))
+        assert (run / "pictures" / "overcluster_after.png").is_file()
     if cell["callbacks"] == "all":  # ModelCheckpoint(monitor="dse/value") found the monitored value
         [state] = [s for s in last["callbacks"].values() if s.get("monitor") == "dse/value"]
         assert math.isfinite(float(state["best_model_score"])), state
