@@ -79,11 +79,15 @@ def test_offline_hub_weights_fail_with_both_alternatives(tmp_path):
     assert "backbone.weights=none" in proc.stderr and "backbone.weights=/path/to/checkpoint.pth" in proc.stderr
 
 
+def eval_args(tmp_path: Path, script: str, *overrides: str) -> list[str]:
+    """Arguments of evaluation/<script>.py on the tiny synthetic set, output in tmp_path/eval_<script>."""
+    return [f"hydra.run.dir={tmp_path / f'eval_{script}'}", "backbone=vit_tiny", "++backbone.model_kwargs.depth=1",
+            "data=synthetic", *TINY_DATA, *overrides]
+
+
 def run_eval(tmp_path: Path, script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
-    out = tmp_path / f"eval_{script}"
-    cmd = [sys.executable, str(ROOT / "evaluation" / f"{script}.py"), f"hydra.run.dir={out}", "backbone=vit_tiny",
-           "++backbone.model_kwargs.depth=1", "data=synthetic", *TINY_DATA, *overrides]
+    cmd = [sys.executable, str(ROOT / "evaluation" / f"{script}.py"), *eval_args(tmp_path, script, *overrides)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script}.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -4,7 +4,8 @@ them on the test machine). Each run is a real process, in its own process group:
 statuses and files are those of `python experiments/train.py ARGS`.
 
 python forked_runs.py SPEC.json, SPEC a list of {"args": [...], "env": {...}, "cwd": dir, "log": file}
-(stdout and stderr of the run). Prints the exit codes as one JSON list (-N: killed by signal N).
+(stdout and stderr of the run), optionally "script" (another entry point, relative to the repository:
+evaluation/overcluster.py, ...) and "unset" (environment variables to remove). Prints the exit codes as one JSON list (-N: killed by signal N).
 From a test: launch(specs, ...) runs this script and returns (exit code, log text) per run."""
 import json
 import multiprocessing
@@ -35,10 +36,13 @@ def run(spec: dict) -> None:
     log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    for name in spec.get("unset", []):
+        os.environ.pop(name, None)
     os.environ.update(spec.get("env", {}))
     os.chdir(spec.get("cwd", os.getcwd()))
-    sys.argv = [str(TRAIN), *spec["args"]]
-    runpy.run_path(str(TRAIN), run_name="__main__")
+    script = str(TRAIN.parents[1] / spec["script"]) if "script" in spec else str(TRAIN)
+    sys.argv = [script, *spec["args"]]
+    runpy.run_path(script, run_name="__main__")
 
 
 if __name__ == "__main__":
