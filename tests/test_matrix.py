@@ -186,6 +186,8 @@ def test_design_covers_every_pair():
     assert covered == required
     assert sum(cell["strategy"] == "ddp" for cell in CELLS) == 2
     assert {cell["objective"] for cell in CELLS} == set(FACTORS["objective"])
+    # tests/test_precision.py relies on this cell for DenseCL under bf16-mixed with every evaluator
+    assert dict(objective="densecl", precision="bf16", dse_reg="on", strategy="single", callbacks="all") in CELLS
 
 
 def test_docstring_lists_the_generated_cells():

@@ -1,5 +1,6 @@
 """Mixed precision (trainer.precision=bf16-mixed) on CPU: every objective, the DSE regularizer, the custom
-autograd functions, one CLI run with the evaluators; and SSLMethod overrides keeping the base signatures.
+autograd functions; and SSLMethod overrides keeping the base signatures. bf16-mixed runs of train.py with every
+objective, the DSE regularizer and the evaluators: tests/test_matrix.py.
 
 Lightning's bf16-mixed runs training_step under ``torch.autocast(device, dtype=torch.bfloat16)`` and backward
 outside it, which is what the in-process tests do. float16 (16-mixed, GPU) is not exercised here: no GPU.
@@ -7,7 +8,6 @@ outside it, which is what the in-process tests do. float16 (16-mixed, GPU) is no
 from __future__ import annotations
 
 import copy
-import csv
 import importlib
 import inspect
 import math
@@ -28,7 +28,6 @@ from densessl.methods.base import override_mismatches
 from densessl.methods.ibot import collate_ibot
 from densessl.metrics import dse_regularizer
 from densessl.transforms import collate_multicrop
-from test_cli import TINY_DATA, TINY_RUN, run_train
 
 TINY = dict(name="vit_tiny", img_size=32, model_kwargs=dict(depth=1, patch_size=8, embed_dim=32, num_heads=2))
 CROPS = dict(global_size=32, local_size=16, n_local=2)
@@ -264,30 +263,8 @@ def test_every_custom_autograd_function_is_covered():
 
 
 # --------------------------------------------------------------------------- CLI
-def test_densecl_quickstart_trains_with_bf16_mixed_and_evaluators(tmp_path):
-    proc = run_train(tmp_path, "+experiment=densecl_quickstart", "trainer.precision=bf16-mixed", *TINY_DATA, *TINY_RUN,
-                     "backbone.model_kwargs.depth=1", "trainer.log_every_n_steps=1", "dse.regularizer.weight=0.001",
-                     "dse.regularizer.global_clusters=6", "callbacks=[default,dse,linear,retrieval]",
-                     "callbacks.dse.num_images=6", "callbacks.dse.image_size=32", "callbacks.dse.dse_batch=6",
-                     "callbacks.dse.global_clusters=6", "callbacks.linear.max_iter=10",
-                     "callbacks.linear.max_train_images=8", "callbacks.retrieval.max_train_images=8",
-                     "callbacks.retrieval.k=5", "overcluster.ks=[7]", "overcluster.seeds=[0]",
-                     "overcluster.pca_dim=8", "overcluster.niter=5", "overcluster.image_size=64",
-                     "overcluster.mask_size=32")
-    assert "bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr  # Lightning's own line
-    run = tmp_path / "run"
-    with open(run / "logs" / "csv" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    regs = [float(r["train/dse_reg"]) for r in rows if r.get("train/dse_reg")]
-    assert len(losses) == 2 and all(map(math.isfinite, losses)) and regs and all(map(math.isfinite, regs))
-    dse = [float(r["dse/value"]) for r in rows if r.get("dse/value")]
-    linear = [float(r["val/linear/linear_miou_full_res"]) for r in rows if r.get("val/linear/linear_miou_full_res")]
-    hbird = [float(r["val/retrieval/hbird_miou"]) for r in rows if r.get("val/retrieval/hbird_miou")]
-    assert len(dse) == 1 and math.isfinite(dse[0]) and len(linear) == 1 and 0.0 < linear[0] <= 1.0
-    assert len(hbird) == 1 and 0.0 < hbird[0] <= 1.0
-    assert "overclustering mIoU" in proc.stdout and "after" in proc.stdout
-    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "backbone.pth").is_file()
+# bf16-mixed through experiments/train.py, with the DSE regularizer and every evaluator: the matrix cell
+# densecl-bf16-on-single-all of tests/test_matrix.py (and bf16 with every other objective there).
 
 
 # --------------------------------------------------------------------------- hook signatures

@@ -1,6 +1,5 @@
 """Stop signals, atomic checkpoints, resume=auto and exact resume: interrupted and resumed runs end with
 bitwise the weights of one uninterrupted run (6 steps: 2 epochs of 3 batches)."""
-import json
 import os
 import random
 import subprocess
