@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from test_cli import ROOT, TINY_DATA
 
 HELPERS = Path(__file__).parent / "helpers"
 RUN = [*TINY_DATA, "data.max_images=6", "trainer.max_epochs=2", "logger=[csv]", "trainer.enable_progress_bar=false",
-       "+experiment=quickstart", "++backbone.model_kwargs.depth=1", "eval_before_after=false", "method.queue_size=16"]
+       "+experiment=quickstart", "++backbone.model_kwargs.depth=1", "eval_before_after=false", "method.queue_size=16",
+       "backbone.img_size=32", "method.crops.global_size=32", "method.crops.local_size=16", "method.roi_size=2",
+       "method.head.hidden_dim=32", "method.head.out_dim=16"]  # tiny: a step costs little next to a run's start
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
          "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
@@ -24,15 +27,13 @@ def _env(cache: Path) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
 
 
-def _runs(tmp_path: Path, cache: Path, *runs: list[str] | tuple[list[str], dict], cwd: Path = ROOT
-          ) -> list[tuple[int, str]]:
-    """(exit code, output) of train.py runs in order (args, or (args, extra env)), forked from one
-    process (helpers/forked_runs.py) so that each starts without re-importing torch."""
+def _specs(tmp_path: Path, *runs: list[str] | tuple[list[str], dict], cwd: Path = ROOT) -> list[dict]:
+    """helpers/forked_runs.py specs of train.py runs in order (args, or (args, extra env))."""
     specs = []
     for i, run in enumerate(runs):
         args, env = run if isinstance(run, tuple) else (run, {})
         specs.append({"args": [*RUN, *args], "env": env, "cwd": str(cwd), "log": str(tmp_path / f"run{i}.log")})
-    return launch(specs, tmp_path / "runs.json", _env(cache))
+    return specs
 
 
 def _signal(step: int, name: str) -> list[str]:
@@ -57,26 +58,87 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+# The run sequences of the tests below: name -> folder -> specs (the folder prepared as the test needs).
+# All are run by one forked_runs process (one torch import for every run of the module), in order.
+def _plan_straight(tmp: Path) -> list[dict]:
+    return _specs(tmp, [f"hydra.run.dir={tmp / 'run'}"])
+
+
+def _plan_signals(tmp: Path) -> list[dict]:
+    run, fake = tmp / "run", tmp / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'scontrol.log'}\n")
+    (fake / "scontrol").chmod(0o755)
+    here = [f"hydra.run.dir={run}"]
+    return _specs(tmp, [*here, *_signal(1, "SIGTERM")],
+                  ([*here, "resume=auto", *_signal(3, "SIGUSR1")], {**SLURM, "PATH": f"{fake}:{os.environ['PATH']}"}),
+                  ([*here, "resume=auto", *_signal(5, "SIGUSR2")], SLURM), [*here, "resume=auto"])
+
+
+def _plan_mid_epoch(workers: int) -> Callable[[Path], list[dict]]:
+    def plan(tmp: Path) -> list[dict]:
+        here = [f"hydra.run.dir={tmp / 'run'}", f"data.num_workers={workers}"]
+        return _specs(tmp, [*here, *_signal(2, "SIGTERM")], [*here, "resume=auto", *_signal(4, "SIGINT")],
+                      [*here, "resume=auto"])
+    return plan
+
+
+CHAOS_RNG = random.Random(3)
+CHAOS = [(step, CHAOS_RNG.choice(["SIGTERM", "SIGKILL"])) for step in sorted(CHAOS_RNG.sample(range(1, 7), 4))]
+
+
+def _plan_chaos(tmp: Path) -> list[dict]:
+    here = [f"hydra.run.dir={tmp / 'run'}", "data.num_workers=1", "callbacks.periodic_checkpoint.every_n_train_steps=1"]
+    return _specs(tmp, *[[*here, "resume=auto", *_signal(step, name)] for step, name in CHAOS], [*here, "resume=auto"])
+
+
+AUTO_KILL = ["+callbacks.kill._target_=signal_callback.SignalAtStep", "+callbacks.kill.step=${oc.env:KILL_STEP,0}",
+             "resume=auto"]
+
+
+def _plan_auto(tmp: Path) -> list[dict]:
+    kill = AUTO_KILL
+    return _specs(tmp, (kill, {"KILL_STEP": "2"}), kill, [*kill, "seed=1", "trainer.max_steps=1"],
+                  [*kill, "trainer.max_epochs=3", "trainer.max_steps=7"], cwd=tmp)
+
+
+def _plan_unreadable(tmp: Path) -> list[dict]:
+    (tmp / "bad.ckpt").write_bytes(b"not a checkpoint")
+    return _specs(tmp, [f"hydra.run.dir={tmp / 'c'}", f"resume={tmp / 'bad.ckpt'}"],
+                  [f"hydra.run.dir={tmp / 'a'}", "trainer.max_epochs=1"],
+                  [f"hydra.run.dir={tmp / 'b'}", "method.head.out_dim=64", f"resume={tmp / 'a'}"])
+
+
+PLANS = {"straight": _plan_straight, "signals": _plan_signals, "mid_epoch_0": _plan_mid_epoch(0),
+         "mid_epoch_1": _plan_mid_epoch(1), "chaos": _plan_chaos, "auto": _plan_auto, "unreadable": _plan_unreadable}
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache) -> dict:
+def runs(tmp_path_factory, cache) -> dict[str, tuple[Path, list[tuple[int, str]]]]:
+    """(folder, [(exit code, output) of each run]) of every plan."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in PLANS}
+    specs = {name: plan(folders[name]) for name, plan in PLANS.items()}
+    outs = launch([s for name in PLANS for s in specs[name]], folders["straight"] / "runs.json", _env(cache))
+    result, i = {}, 0
+    for name in PLANS:
+        result[name] = (folders[name], outs[i: i + len(specs[name])])
+        i += len(specs[name])
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight(runs) -> dict:
     """last.ckpt of the uninterrupted run (data.num_workers=0)."""
-    tmp = tmp_path_factory.mktemp("straight")
-    [(code, out)] = _runs(tmp, cache, [f"hydra.run.dir={tmp / 'run'}"])
+    tmp, [(code, out)] = runs["straight"]
     assert code == 0, out[-3000:]
     return _checkpoint(tmp / "run")
 
 
-def test_stop_signals_checkpoint_exit_nonzero_and_resume_exactly(tmp_path, cache, straight):
+def test_stop_signals_checkpoint_exit_nonzero_and_resume_exactly(runs, straight):
     """TERM at step 1, USR1 at step 3 (an epoch's end; SLURM: requeued by scontrol), USR2 at step 5
     (SLURM without scontrol); each resume continues in place (last.ckpt, no last-v1.ckpt)."""
-    run, fake = tmp_path / "run", tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    (fake / "scontrol").chmod(0o755)
-    here = [f"hydra.run.dir={run}"]
-    outs = _runs(tmp_path, cache, [*here, *_signal(1, "SIGTERM")],
-                 ([*here, "resume=auto", *_signal(3, "SIGUSR1")], {**SLURM, "PATH": f"{fake}:{os.environ['PATH']}"}),
-                 ([*here, "resume=auto", *_signal(5, "SIGUSR2")], SLURM), [*here, "resume=auto"])
+    tmp_path, outs = runs["signals"]
+    run = tmp_path / "run"
     expected = [(143, "SIGTERM", 1), (138, "SIGUSR1", 3), (140, "SIGUSR2", 5)]
     for (code, out), (want, name, step) in zip(outs, expected):
         assert code == want, out[-3000:]
@@ -92,43 +154,34 @@ def test_stop_signals_checkpoint_exit_nonzero_and_resume_exactly(tmp_path, cache
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_mid_epoch_stops_resume_exactly(tmp_path, cache, straight, workers):
+def test_mid_epoch_stops_resume_exactly(runs, straight, workers):
     """SIGTERM after 2 of epoch 0's 3 batches, SIGINT (exit 130) after 1 of epoch 1's; with a
     data-loader worker the signals reach it too (the whole process group). Same weights as the
     straight 0-worker run."""
-    here = [f"hydra.run.dir={tmp_path / 'run'}", f"data.num_workers={workers}"]
-    outs = _runs(tmp_path, cache, [*here, *_signal(2, "SIGTERM")], [*here, "resume=auto", *_signal(4, "SIGINT")],
-                 [*here, "resume=auto"])
+    tmp_path, outs = runs[f"mid_epoch_{workers}"]
     assert [code for code, _ in outs] == [143, 130, 0], outs[-1][1][-3000:]
     assert "received SIGINT: checkpoint written" in outs[1][1] and "(step 4)" in outs[2][1]
     _assert_same_weights(_checkpoint(tmp_path / "run"), straight)
 
 
-def test_chaos_sigterm_and_sigkill_at_random_steps(tmp_path, cache, straight):
+def test_chaos_sigterm_and_sigkill_at_random_steps(runs, straight):
     """Killed four times at seeded random steps by SIGTERM or SIGKILL (a checkpoint every step, so a
     SIGKILL loses only the step in progress), resumed each time, one data-loader worker."""
-    rng = random.Random(3)
-    plan = [(step, rng.choice(["SIGTERM", "SIGKILL"])) for step in sorted(rng.sample(range(1, 7), 4))]
+    plan = CHAOS
     assert {name for _, name in plan} == {"SIGTERM", "SIGKILL"}, plan
-    here = [f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1",
-            "callbacks.periodic_checkpoint.every_n_train_steps=1"]
-    outs = _runs(tmp_path, cache, *[[*here, "resume=auto", *_signal(step, name)] for step, name in plan],
-                 [*here, "resume=auto"])
+    tmp_path, outs = runs["chaos"]
     assert [code for code, _ in outs] == [143 if name == "SIGTERM" else -9 for _, name in plan] + [0], plan
     for (_, out), (step, name) in zip(outs[1:], plan):  # a SIGKILL during step s resumes from s - 1
         assert f"(step {step if name == 'SIGTERM' else step - 1})" in out, out[-3000:]
     _assert_same_weights(_checkpoint(tmp_path / "run"), straight)
 
 
-def test_resume_auto_relaunch_finds_its_run_folder(tmp_path, cache, straight):
+def test_resume_auto_relaunch_finds_its_run_folder(runs, straight):
     """Without hydra.run.dir, resume=auto puts the run in runs/auto/<method>_<config hash>. The same
     command (preempted by SIGTERM at step 2: the step comes from the environment, so the command does
     not change) continues it to the straight run's weights; with a larger max_epochs/max_steps it
     continues further; another config gets another folder."""
-    kill = ["+callbacks.kill._target_=signal_callback.SignalAtStep", "+callbacks.kill.step=${oc.env:KILL_STEP,0}",
-            "resume=auto"]
-    outs = _runs(tmp_path, cache, (kill, {"KILL_STEP": "2"}), kill, [*kill, "seed=1", "trainer.max_steps=1"],
-                 [*kill, "trainer.max_epochs=3", "trainer.max_steps=7"], cwd=tmp_path)
+    tmp_path, outs = runs["auto"]
     assert [code for code, _ in outs] == [143, 0, 0, 0], outs[0][1][-3000:]
     folders = sorted((tmp_path / "runs" / "auto").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("neco_") for f in folders), folders
@@ -171,12 +224,8 @@ def test_checkpoint_killed_while_written_leaves_the_previous_one(tmp_path):
     assert saved.numel() in (1, 2 ** 24) and saved.sum() in (0, 2 ** 24)
 
 
-def test_unreadable_or_foreign_checkpoint_on_resume_is_a_clear_error(tmp_path, cache):
-    bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(b"not a checkpoint")
-    outs = _runs(tmp_path, cache, [f"hydra.run.dir={tmp_path / 'c'}", f"resume={bad}"],
-                 [f"hydra.run.dir={tmp_path / 'a'}", "trainer.max_epochs=1"],
-                 [f"hydra.run.dir={tmp_path / 'b'}", "method.head.out_dim=64", f"resume={tmp_path / 'a'}"])
+def test_unreadable_or_foreign_checkpoint_on_resume_is_a_clear_error(runs):
+    _, outs = runs["unreadable"]
     assert [code for code, _ in outs] == [2, 0, 2], outs[1][1][-3000:]
     assert "error: cannot read checkpoint" in outs[0][1] and "bad.ckpt" in outs[0][1]
     assert "does not match this model" in outs[2][1]
