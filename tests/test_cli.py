@@ -102,15 +102,16 @@ CASES: dict[str, tuple] = {
     "run_folder_eval": (None, lambda d: [
         _train(_run_dir(d), *QUICK_TINY, "eval_before_after=false"),
         {"script": "evaluation/overcluster.py",
-         "args": [f"hydra.run.dir={d / 'ev'}", f"weights={d / 'run'}", "data=synthetic", *TINY_DATA, "eval.options.ks=[7]",
-                  "eval.options.seeds=[0]", "eval.options.image_size=96", "eval.options.mask_size=96",
+         "args": [f"hydra.run.dir={d / 'ev'}", f"weights={d / 'run'}", "data=synthetic", *TINY_DATA,
+                  "eval.options.ks=[7]", "eval.options.seeds=[0]", "eval.options.image_size=96", "eval.options.mask_size=96",
                   "eval.options.pca_dim=8", "eval.options.niter=5", "eval.options.nredo=1"]}]),
     "multirun": (None, lambda d: [_train("-m", f"hydra.sweep.dir={d / 'sweep'}", *QUICK_TINY, "eval_before_after=false",
                                          "seed=0,1")]),
     "users_dataset": (lambda d: _users_dataset(d / "VOC2012"), lambda d: [
         _train("+experiment=quickstart", f"data.root={d / 'VOC2012'}", *TINY_RUN, _run_dir(d)),
         {"script": "evaluation/overcluster.py", "args": eval_args(d, "overcluster", f"data.root={d / 'VOC2012'}")}]),
-    "other_runs_folder": (_a_previous_run, lambda d: [_train(_run_dir(d), "+experiment=quickstart", *TINY_DATA, *TINY_RUN)]),
+    "other_runs_folder": (_a_previous_run,
+                          lambda d: [_train(_run_dir(d), "+experiment=quickstart", *TINY_DATA, *TINY_RUN)]),
 }
 
 

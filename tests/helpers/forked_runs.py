@@ -5,7 +5,8 @@ statuses and files are those of `python experiments/train.py ARGS`.
 
 python forked_runs.py SPEC.json, SPEC a list of {"args": [...], "env": {...}, "cwd": dir, "log": file}
 (stdout and stderr of the run), optionally "script" (another entry point, relative to the repository:
-evaluation/overcluster.py, ...) and "unset" (environment variables to remove). Prints the exit codes as one JSON list (-N: killed by signal N).
+evaluation/overcluster.py, ...) and "unset" (environment variables to remove). Prints the exit codes as
+one JSON list (-N: killed by signal N).
 From a test: launch(specs, ...) runs this script and returns (exit code, log text) per run."""
 import json
 import multiprocessing
