@@ -103,8 +103,9 @@ CASES: dict[str, tuple] = {
         _train(_run_dir(d), *QUICK_TINY, "eval_before_after=false"),
         {"script": "evaluation/overcluster.py",
          "args": [f"hydra.run.dir={d / 'ev'}", f"weights={d / 'run'}", "data=synthetic", *TINY_DATA,
-                  "eval.options.ks=[7]", "eval.options.seeds=[0]", "eval.options.image_size=96", "eval.options.mask_size=96",
-                  "eval.options.pca_dim=8", "eval.options.niter=5", "eval.options.nredo=1"]}]),
+                  "eval.options.ks=[7]", "eval.options.seeds=[0]", "eval.options.image_size=96",
+                  "eval.options.mask_size=96", "eval.options.pca_dim=8", "eval.options.niter=5",
+                  "eval.options.nredo=1"]}]),
     "multirun": (None, lambda d: [_train("-m", f"hydra.sweep.dir={d / 'sweep'}", *QUICK_TINY, "eval_before_after=false",
                                          "seed=0,1")]),
     "users_dataset": (lambda d: _users_dataset(d / "VOC2012"), lambda d: [
