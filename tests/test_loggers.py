@@ -72,3 +72,32 @@ def test_training_logs_to_csv_and_offline_neptune(tmp_path):
     ops = _neptune_ops(tmp_path)  # offline runs land in ./.neptune of the working directory
     assert any(o["path"][:2] == ["parameters", "method"] for o in ops)  # the resolved config
     assert any(o["path"] == ["train", "loss"] for o in ops)
+
+
+def test_csv_logger_continues_metrics_csv_and_keeps_other_writers_columns(tmp_path):
+    """A resumed run appends to metrics.csv (Lightning's CSVLogger deletes it); a writer that did not see
+    another process's columns still writes aligned rows under the file's grown header."""
+    import csv
+
+    from densessl.loggers import CSVLogger
+
+    def read() -> list[dict[str, str]]:
+        with open(tmp_path / "csv" / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    first = CSVLogger(str(tmp_path), name="csv", version="")
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.save()
+    stale = CSVLogger(str(tmp_path), name="csv", version="")  # e.g. a launcher process, created now
+    stale.experiment  # knows the keys train/loss, step
+    resumed = CSVLogger(str(tmp_path), name="csv", version="")
+    resumed.log_metrics({"train/loss": 1.5, "dse/value": 0.7}, step=2)
+    resumed.save()  # header grows: dse/value
+    stale.log_metrics({"train/loss": 9.0}, step=0)
+    stale.save()  # no new key of its own, but the file's header has one more column
+    stale.log_metrics({"after/miou": 0.3}, step=3)
+    stale.save()  # a new key of its own
+    rows = read()
+    assert [r["step"] for r in rows] == ["1", "2", "0", "3"]
+    assert [r["train/loss"] for r in rows] == ["2.0", "1.5", "9.0", ""]
+    assert rows[1]["dse/value"] == "0.7" and rows[3]["after/miou"] == "0.3" and rows[3]["dse/value"] == ""
