@@ -192,7 +192,7 @@ def test_design_covers_every_pair():
 
 
 def test_docstring_lists_the_generated_cells():
-    lines = __doc__.split("The cells")[1].strip().splitlines()[2:]
+    lines = __doc__.split("The cells (")[1].strip().splitlines()[2:]
     table = [line.split() for line in lines if line.strip()]
     assert table[0] == list(FACTORS)
     assert table[1:] == [list(cell.values()) for cell in CELLS]
