@@ -8,7 +8,7 @@ Rows are training presets (``configs/experiment/*.yaml``) plus overrides; ``rand
 backbone. Columns (mean +- std over seeds, %): linear probe mIoU at full resolution (converged probe:
 L-BFGS on cached tokens, ``evaluation/linear.py eval.options.solver=lbfgs``), overclustering mIoU at
 K = #classes (Hungarian) and at K = 20 (many-to-one), Hummingbird retrieval mIoU, DSE of the final
-backbone, training seconds. Each run keeps its folder under ``--out`` (checkpoints, exported backbone,
+backbone, the image-vs-class gap (below), training seconds. Each run keeps its folder under ``--out`` (checkpoints, exported backbone,
 config); a cluster-map panel per row is written next to the table. Everything is printed and saved as
 ``results.csv`` / ``results.md``.
 """
@@ -38,7 +38,34 @@ ROWS: dict[str, list[str] | None] = {
     "densecl_dse": ["+experiment=densecl_quickstart", "dse.regularizer.weight=0.001"],
     "supervised": ["+experiment=supervised_quickstart"],
 }
-COLUMNS = ("linear", "k_classes", "k20", "hbird", "dse", "train_s")
+COLUMNS = ("linear", "k_classes", "k20", "hbird", "dse", "gap", "train_s")
+
+
+def image_class_gap(backbone, val_set, image_size: int, num_images: int = 32) -> float:
+    """Mean cosine of (centred) tokens of different classes in the same image minus that of tokens of the
+    same object class in different images. Positive: tokens say more about which image they come from
+    than about their class (the failure mode of the self-supervised rows so far); a supervised backbone
+    is below 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from densessl.data.datasets import SegTransform
+
+    transform = SegTransform(image_size)
+    images, masks = zip(*(transform(*val_set[i]) for i in range(min(num_images, len(val_set)))))
+    backbone.eval()
+    with torch.inference_mode():
+        tokens, (h, w) = backbone.forward_patches(torch.stack(images))  # (B, N, D)
+    labels = F.interpolate(torch.stack(masks)[:, None].float(), size=(h, w), mode="nearest").long().flatten(1)
+    tokens = F.normalize(tokens - tokens.mean((0, 1)), dim=-1).flatten(0, 1)  # (B*N, D)
+    labels, image = labels.flatten(), torch.arange(len(images)).repeat_interleave(h * w)
+    cos = tokens @ tokens.T
+    valid = (labels[:, None] < 255) & (labels[None] < 255)
+    same_image = image[:, None] == image[None]
+    same_class = labels[:, None] == labels[None]
+    diff_class_same_image = cos[valid & same_image & ~same_class].mean()
+    same_class_other_image = cos[valid & ~same_image & same_class & (labels[:, None] > 0)].mean()
+    return float(diff_class_same_image - same_class_other_image)
 
 
 def train(name: str, overrides: list[str], seed: int, out: Path) -> Path:
@@ -78,7 +105,7 @@ def evaluate(backbone, train_set, val_set, image_size: int, picture: Path | None
     if picture is not None:
         result_panels([oc, lin], val_set, picture, title=picture.stem)
     return {"linear": 100 * lin.miou_full_res, "k_classes": 100 * oc.mean(c), "k20": 100 * oc.mean(20),
-            "hbird": 100 * hb.miou, "dse": float(dse.value)}
+            "hbird": 100 * hb.miou, "dse": float(dse.value), "gap": image_class_gap(backbone, val_set, image_size)}
 
 
 def main() -> None:
@@ -126,7 +153,7 @@ def write_tables(results: dict[str, list[dict[str, float]]], out: Path) -> None:
         return f"{statistics.mean(values):.2f} +- {sd:.2f}"
 
     header = ["row", "seeds", "linear mIoU", "overcluster K=#cls", "overcluster K=20", "Hummingbird mIoU", "DSE",
-              "train s"]
+              "image-class gap", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -23,6 +23,9 @@ def test_resnet_patches_are_c5_map():
     b = Backbone("resnet50")
     tokens, grid = b.forward_patches(torch.randn(1, 3, 64, 96))
     assert grid == (2, 3) and tokens.shape == (1, 6, 2048) and b.patch_size == 32
+    small = Backbone("resnet18_os8")  # dilated last stages: stride 8, the grid of a patch-8 ViT
+    tokens, grid = small.forward_patches(torch.randn(1, 3, 64, 96))
+    assert grid == (8, 12) and tokens.shape == (1, 96, 512) and small.patch_size == 8
 
 
 def test_registers_are_separate_from_patches():

@@ -2,9 +2,11 @@
 
 A small, fast, fully deterministic stand-in for VOC used by tests, smoke runs and CI. Each image
 has a cluttered background (class 0) and 2-5 objects. An object's class is given by its SHAPE and
-its TEXTURE together; its two colours are drawn per instance from one palette shared by all
-classes and the background, so raw pixel colour says nothing about the class. Objects span several
-16-px patches and their textures repeat every 6-12 px, so a ViT can tell classes apart locally.
+its TEXTURE together. Each scene draws three colours from one palette shared by all classes; the
+background and every object are painted with those three, so colour says nothing about the class
+(across scenes) nor about which object a patch belongs to (within a scene): only texture and shape
+do. Objects span several 16-px patches and their textures repeat every 12-20 px at 224 px (periods
+scale with ``size``), so they survive the 2-3x downscaling of training crops.
 Later objects occlude earlier ones; as in VOC, a band of 255 (ignore) surrounds every object
 boundary in both the class and the instance masks.
 
@@ -48,19 +50,19 @@ __all__ = [
 ]
 
 # Bump when the rendering changes so cached copies are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # Written last into every generated folder: the only licence to replace a folder's contents.
 MARKER = ".densessl-synthetic"
 
 # class id -> (name, texture); index 0 is the background.
 _CLASS_SPECS: tuple[tuple[str, str], ...] = (
     ("background", "clutter: smooth colour field, soft blobs, wide soft stripes"),
-    ("disc", "dots on a square grid, period ~10 px"),
-    ("square", "checkerboard, cells ~6 px"),
-    ("triangle", "stripes at 45 degrees, period ~9 px"),
-    ("ring", "concentric rings around the object centre, period ~7 px"),
-    ("cross", "horizontal stripes, period ~6 px"),
-    ("star", "grid of thin lines, period ~10 px"),
+    ("disc", "dots on a square grid, period ~20 px"),
+    ("square", "checkerboard, cells ~12 px"),
+    ("triangle", "stripes at 45 degrees, period ~18 px"),
+    ("ring", "concentric rings around the object centre, period ~14 px"),
+    ("cross", "horizontal stripes, period ~12 px"),
+    ("star", "grid of thin lines, period ~20 px"),
 )
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(name for name, _ in _CLASS_SPECS)
 
@@ -75,6 +77,8 @@ _PALETTE = np.array(
 )
 
 _IGNORE = 255
+# Colours of one scene (background and objects): within a scene colour cannot tell objects apart.
+_COLOURS_PER_SCENE = 3
 _MIN_VISIBLE_FRACTION = 0.4  # of an object's own area that must stay unoccluded
 _MAX_LAYOUT_TRIES = 200
 # Object radius as a fraction of the image side: at 224 px, diameters of 3.6-7 patches of 16 px.
@@ -129,12 +133,13 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, aspect: float) -> np.nda
     raise ValueError(f"unknown object class {cls}")
 
 
-def _texture(cls: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _texture(cls: int, x: np.ndarray, y: np.ndarray, unit: float, rng: np.random.Generator) -> np.ndarray:
     """Binary class texture at pixel offsets (x, y) from the object centre (image axes).
 
-    Period and orientation are jittered per instance (+-15 %, +-10 deg) around class values.
+    Periods are class values in px at 224 px times ``unit`` (= size / 224), jittered per instance
+    (+-15 %), as is the orientation (+-10 deg).
     """
-    jitter = rng.uniform(0.85, 1.15)
+    jitter = 2.0 * unit * rng.uniform(0.85, 1.15)
     angle = np.deg2rad(rng.uniform(-10.0, 10.0))
     phase = rng.uniform(0.0, 1.0, size=2)
     xr = x * np.cos(angle) + y * np.sin(angle)
@@ -161,27 +166,27 @@ def _texture(cls: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -
     raise ValueError(f"unknown object class {cls}")
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Cluttered background (size, size, 3) float32 in [0, 255] from the shared palette.
+def _background(size: int, colours: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cluttered background (size, size, 3) float32 in [0, 255] painted with the scene's ``colours`` (C, 3).
 
     All of it is low-frequency, so it is drawn at 1/4 resolution and upsampled (16x cheaper).
     """
     s = max(size // 4, 16)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     g = int(rng.integers(3, 7))
-    coarse = _PALETTE[rng.integers(0, len(_PALETTE), size=(g, g))].astype(np.uint8)
+    coarse = colours[rng.integers(0, len(colours), size=(g, g))].astype(np.uint8)
     img = np.asarray(Image.fromarray(coarse).resize((s, s), Image.BILINEAR), np.float32)
     for _ in range(int(rng.integers(3, 9))):  # soft elliptical blobs
         cy, cx = rng.uniform(0, s, size=2)
         sy, sx = rng.uniform(0.04, 0.15, size=2) * s
         alpha = np.exp(-0.5 * (((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))[..., None]
-        img = img * (1.0 - alpha) + _PALETTE[rng.integers(len(_PALETTE))] * alpha
+        img = img * (1.0 - alpha) + colours[rng.integers(len(colours))] * alpha
     if rng.random() < 0.5:  # wide soft stripes: much longer period than any object texture
         angle = rng.uniform(0.0, np.pi)
         period = rng.uniform(0.15, 0.3) * s
         wave = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
         alpha = (0.4 * wave)[..., None]
-        img = img * (1.0 - alpha) + _PALETTE[rng.integers(len(_PALETTE))] * alpha
+        img = img * (1.0 - alpha) + colours[rng.integers(len(colours))] * alpha
     small = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     return np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32).copy()
 
@@ -219,17 +224,18 @@ def _render(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: image (S, S, 3) uint8, class mask (S, S) uint8, instance mask (S, S) uint8."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    img = _background(size, rng)
+    colours = _PALETTE[rng.choice(len(_PALETTE), size=_COLOURS_PER_SCENE, replace=False)]
+    img = _background(size, colours, rng)
     objects = _layout(size, num_classes, rng, yy, xx)
     cls_mask = np.zeros((size, size), dtype=np.uint8)
     inst_mask = np.zeros((size, size), dtype=np.uint8)
     for k, o in enumerate(objects, start=1):  # painter's order: later objects occlude
         y0, y1, x0, x1 = o["box"]
-        tex = _texture(o["cls"], xx[y0:y1, x0:x1] - o["cx"], yy[y0:y1, x0:x1] - o["cy"], rng)
-        c1, c2 = rng.choice(len(_PALETTE), size=2, replace=False)
-        colours = np.where(tex[..., None], _PALETTE[c1], _PALETTE[c2]) * rng.uniform(0.8, 1.2)
+        tex = _texture(o["cls"], xx[y0:y1, x0:x1] - o["cx"], yy[y0:y1, x0:x1] - o["cy"], size / 224, rng)
+        c1, c2 = rng.choice(len(colours), size=2, replace=False)
+        paint = np.where(tex[..., None], colours[c1], colours[c2]) * rng.uniform(0.8, 1.2)
         inside = o["inside"]
-        img[y0:y1, x0:x1][inside] = colours[inside]
+        img[y0:y1, x0:x1][inside] = paint[inside]
         cls_mask[y0:y1, x0:x1][inside] = o["cls"]
         inst_mask[y0:y1, x0:x1][inside] = k
     img += 8.0 * rng.standard_normal(img.shape, dtype=np.float32)

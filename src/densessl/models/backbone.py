@@ -36,6 +36,9 @@ ARCHS: dict[str, Arch] = {
     "dinov2_vits14_reg": Arch("vit_small_patch14_reg4_dinov2.lvd142m", family="dinov2"),
     "dinov2_vitb14_reg": Arch("vit_base_patch14_reg4_dinov2.lvd142m", family="dinov2"),
     "resnet50": Arch("resnet50.tv_in1k"),
+    # Small random-init CNN for the CPU results table; output stride 8 (dilated last stages) keeps a
+    # token grid as fine as a patch-8 ViT's.
+    "resnet18_os8": Arch("resnet18", dict(output_stride=8)),
 }
 
 # Prefixes that wrap backbone keys in the checkpoints people actually have: DDP (module.),
@@ -101,7 +104,7 @@ class Backbone(nn.Module):
             self.embed_dim = int(self.model.embed_dim)
             self.num_prefix_tokens = int(self.model.num_prefix_tokens)
         else:
-            self.patch_size = 32  # C5 stride of ResNets
+            self.patch_size = int(self.model.feature_info[-1]["reduction"])  # C5 stride (32, or output_stride)
             self.embed_dim = int(self.model.num_features)
             self.num_prefix_tokens = 0
         self.load_weights(weights, drop_registers=drop_registers, checkpoint_key=checkpoint_key)
