@@ -26,14 +26,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> training overrides (None: no training). The presets fix backbone, crops, steps and data.
-ROWS: dict[str, list[str] | None] = {
-    "random": None,
+# name -> training overrides, or the backbone config of an untrained row. The presets fix backbone, crops,
+# steps and data.
+ROWS: dict[str, list[str] | dict] = {
+    "random": {"preset": "quickstart"},  # the ViT of the quickstart presets
+    "random_cnn": {"name": "resnet18_os8", "weights": "none"},
     "neco": ["+experiment=quickstart"],
     "ibot": ["+experiment=ibot_quickstart", "method.decoupling=false"],
     "ibot_dc": ["+experiment=ibot_quickstart", "method.decoupling=true"],
     "udi": ["+experiment=udi_quickstart"],
     "densecl": ["+experiment=densecl_quickstart"],
+    "densecl_cnn": ["+experiment=densecl_cnn_quickstart"],
     "neco_dse": ["+experiment=quickstart", "dse.regularizer.weight=0.001"],
     "densecl_dse": ["+experiment=densecl_quickstart", "dse.regularizer.weight=0.001"],
     "supervised": ["+experiment=supervised_quickstart"],
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "results_table")
     parser.add_argument("--image-size", type=int, default=96, help="evaluation input size (px)")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides added to every trained row (e.g. trainer.max_epochs=10); name --out apart")
     args = parser.parse_args()
 
     import torch
@@ -131,11 +136,13 @@ def main() -> None:
     for name in args.rows:
         for seed in args.seeds:
             torch.manual_seed(seed)
-            if ROWS[name] is None:
-                cfg = {"name": "vit_tiny", "weights": "none", **OmegaConf.to_container(quick.backbone)}
+            row = ROWS[name]
+            if isinstance(row, dict):  # untrained
+                cfg = ({"name": "vit_tiny", "weights": "none", **OmegaConf.to_container(quick.backbone)}
+                       if row.get("preset") == "quickstart" else row)
                 backbone, seconds = load_backbone(cfg), 0.0
             else:
-                run = train(name, ROWS[name], seed, args.out)
+                run = train(name, [*row, *args.extra], seed, args.out)
                 backbone = load_backbone({}, str(run))
                 seconds = json.loads((run / "summary.json").read_text())["train_seconds"]
             picture = args.out / f"{name}.png" if seed == args.seeds[0] else None

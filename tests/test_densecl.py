@@ -235,13 +235,15 @@ def test_two_views_crop_and_flip():
 
 
 # ---------------------------------------------------------------------- presets
-def test_quickstart_preset_composes_and_steps():
+@pytest.mark.parametrize("preset, shrink", [("densecl_quickstart", "backbone.model_kwargs.depth=1"),
+                                            ("densecl_cnn_quickstart", "+backbone.model_kwargs.layers=[1,1,1,1]")])
+def test_quickstart_preset_composes_and_steps(preset, shrink):
     from hydra import compose, initialize_config_dir
 
     from densessl.training import build_method
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=densecl_quickstart", "backbone.model_kwargs.depth=1"])
+        cfg = compose("train", overrides=[f"+experiment={preset}", shrink])
     assert cfg.eval_before_after and cfg.data.name == "synthetic" and cfg.trainer.accelerator == "cpu"
     m = build_method(cfg)
     assert isinstance(m, DenseCL) and m.queue_global.size == cfg.method.queue_size
