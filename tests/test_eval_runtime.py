@@ -125,7 +125,8 @@ def test_results_go_next_to_an_evaluated_run(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("backbone: {}\n")
     cfg = OmegaConf.create({"weights": str(run), "eval": {"name": "retrieval"}})
-    assert eval_folder("runs/eval/x", "2026-01-01_10-00-00", _root_=cfg) == str(run / "eval/retrieval/2026-01-01_10-00-00")
+    stamp = "2026-01-01_10-00-00"
+    assert eval_folder("runs/eval/x", stamp, _root_=cfg) == str(run / "eval" / "retrieval" / stamp)
     for weights in (None, "hub", str(tmp_path / "model.pth"), str(tmp_path)):  # not a run folder: the default
         cfg.weights = weights
         assert eval_folder("runs/eval/x", "stamp", _root_=cfg) == "runs/eval/x"
