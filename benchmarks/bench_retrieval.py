@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from densessl.evaluation.metrics import apply_matching, match_hungarian, miou
-from densessl.faiss_import import faiss_threads
 from densessl.evaluation.retrieval import (
     ExactSearch,
     IVFSearch,
@@ -39,6 +38,7 @@ from densessl.evaluation.retrieval import (
     patch_label_counts,
     transfer_labels,
 )
+from densessl.faiss_import import faiss_threads
 
 C, D, GRID, PATCH = 21, 384, 32, 14
 SIZE = GRID * PATCH
