@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from densessl.evaluation.metrics import apply_matching, match_hungarian, miou
-from densessl.evaluation.overcluster import _faiss_threads
 from densessl.evaluation.retrieval import (
     ExactSearch,
     IVFSearch,
@@ -39,6 +38,7 @@ from densessl.evaluation.retrieval import (
     patch_label_counts,
     transfer_labels,
 )
+from densessl.faiss_import import faiss_threads
 
 C, D, GRID, PATCH = 21, 384, 32, 14
 SIZE = GRID * PATCH
@@ -104,7 +104,7 @@ def main() -> None:
             for first in range(0, args.n_train, args.batch):
                 yield synthetic_batch(first, min(args.batch, args.n_train - first), prototypes)
 
-    with _faiss_threads(args.threads):
+    with faiss_threads(args.threads):
         timings: dict[str, float] = {}
         start = time.perf_counter()
         memory = build_memory(_timed(train_batches(), timings, "generate"), total_images=args.n_train * args.epochs,

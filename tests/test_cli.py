@@ -101,8 +101,8 @@ CASES: dict[str, tuple] = {
        for script in EVAL_OPTIONS},
     "run_folder_eval": (None, lambda d: [
         _train(_run_dir(d), *QUICK_TINY, "eval_before_after=false"),
-        {"script": "evaluation/overcluster.py",
-         "args": [f"hydra.run.dir={d / 'ev'}", f"weights={d / 'run'}", "data=synthetic", *TINY_DATA,
+        {"script": "evaluation/overcluster.py",  # no hydra.run.dir: the figures go into the run folder
+         "args": [f"weights={d / 'run'}", "data=synthetic", *TINY_DATA,
                   "eval.options.ks=[7]", "eval.options.seeds=[0]", "eval.options.image_size=96",
                   "eval.options.mask_size=96", "eval.options.pca_dim=8", "eval.options.niter=5",
                   "eval.options.nredo=1"]}]),
@@ -196,12 +196,18 @@ def test_evaluation_clis_write_figures(cli, script):
     assert key in figures and 0.0 <= figures[key] <= 1.0
     assert (folder / f"{script}.csv").exists() and "results:" in out
     assert (folder / f"{script}.png").stat().st_size > 0 and "pictures:" in out  # image | truth | prediction
+    assert f"on {'cuda' if torch.cuda.is_available() else 'cpu'}" in out  # device=auto
+    # Hydra's job log keeps everything the console showed, with timestamps and logger names.
+    log = (folder / f"{script}.log").read_text()
+    assert "results:" in log and "pictures:" in log and "][INFO] - " in log
 
 
 def test_evaluation_of_a_training_run_folder(cli):
     _ok(cli["run_folder_eval"], 0)
     _ok(cli["run_folder_eval"], 1)
-    assert "k7_miou_mean" in json.loads((cli["run_folder_eval"][0] / "ev" / "overcluster.json").read_text())
+    [folder] = (cli["run_folder_eval"][0] / "run" / "eval" / "overcluster").iterdir()  # <date>_<time>
+    assert "k7_miou_mean" in json.loads((folder / "overcluster.json").read_text())
+    assert "results:" in (folder / "overcluster.log").read_text()
 
 
 def test_multirun_writes_one_folder_per_run_and_a_summary(cli):

@@ -39,14 +39,17 @@ def test_dse_monitor_curve_cli_and_selection(tmp_path):
     assert len(dse_values) == 3 and all(map(torch.isfinite, torch.tensor(dse_values)))
     assert any(r.get("train/dse_reg") for r in rows)  # the regularizer is logged separately
     env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "evaluation" / "dse.py"), f"hydra.run.dir={tmp_path / 'ev'}",
+    cmd = [sys.executable, str(ROOT / "evaluation" / "dse.py"),  # no hydra.run.dir: <run>/eval/dse/<date>_<time>
            f"weights={tmp_path / 'run'}", "data=synthetic", *TINY_DATA, "eval.options.num_images=6",
            "eval.options.image_size=32", "eval.options.dse_batch=6", "eval.options.global_clusters=6"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model-selection candidates" in proc.stdout
-    curve = tmp_path / "ev" / "dse_curve.csv"
-    assert (tmp_path / "ev" / "dse_curve.png").stat().st_size > 0
+    [ev] = (tmp_path / "run" / "eval" / "dse").iterdir()
+    curve = ev / "dse_curve.csv"
+    assert (ev / "dse_curve.png").stat().st_size > 0
+    log = (ev / "dse.log").read_text()  # Hydra's job log: one line per checkpoint, then the candidates
+    assert log.count("inter=") == 3 and "model-selection candidates" in log
     with open(curve) as f:
         assert len(list(csv.DictReader(f))) == 3  # one row per epoch checkpoint
     sel = subprocess.run([sys.executable, str(ROOT / "evaluation" / "select_checkpoints.py"), str(curve)], cwd=ROOT,

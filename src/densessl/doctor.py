@@ -84,7 +84,7 @@ def _torch_section(fixes: list[str]) -> int:
         print("  NO GPU: training and evaluation run on the CPU (trainer=cpu, the default of the quickstarts).")
         print("  trainer=gpu and trainer=ddp need a GPU: here add trainer.accelerator=cpu to trainer=gpu, and")
         print("  trainer.accelerator=cpu trainer.devices=2 to trainer=ddp (CPU processes, gloo instead of NCCL);")
-        print("  keep eval.options.gpu=false (faiss k-means/search on the CPU).")
+        print("  the evaluation CLIs' device=auto and eval.options.gpu=auto pick the CPU (backbone and faiss).")
         if built_cuda is None:
             fixes.append(
                 "CUDA torch: this torch is a CPU-only build; on a GPU machine: conda env create -f environment.yaml, "
@@ -122,8 +122,8 @@ def _faiss_section(fixes: list[str], gpus: int) -> None:
         fixes.append(f"faiss: several faiss distributions installed ({', '.join(dists)}), they overwrite each other: "
                      "uninstall all, then install exactly one")
     if gpus and not faiss_gpus:
-        fixes.append('faiss GPU (eval.options.gpu=true): pip uninstall -y faiss-cpu && pip install -e ".[gpu]", '
-                     "or conda install -c conda-forge faiss-gpu")
+        fixes.append('faiss GPU (eval.options.gpu=auto uses it on CUDA): pip uninstall -y faiss-cpu && '
+                     'pip install -e ".[gpu]", or conda install -c conda-forge faiss-gpu')
 
 
 def _libraries_section(fixes: list[str]) -> None:

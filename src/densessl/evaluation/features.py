@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from densessl.evaluation.runtime import progress_bar
+
 __all__ = ["DenseFeatures", "extract_dense_features"]
 
 
@@ -52,19 +54,28 @@ def _num_images(loader: Iterable, max_images: int | None) -> int:
     return total if max_images is None else min(total, max_images)
 
 
+def _num_batches(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def extract_dense_features(
     backbone: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
     device: str | torch.device = "cpu",
     amp: bool = False,
     max_images: int | None = None,
+    progress: bool = False,
 ) -> DenseFeatures:
     """Run ``backbone.forward_patches`` over ``loader`` and keep all tokens and masks on the CPU.
 
     The loader yields ``(images (B, 3, H, W) normalised float, masks (B, H', W') int64)``; the backbone
     must already be on ``device``. It runs in eval mode under ``inference_mode`` (its previous mode is
     restored). Buffers are allocated once from the first batch and filled in place, so peak memory is
-    one copy of the features (a list + cat would hold two).
+    one copy of the features (a list + cat would hold two). ``progress``: a tqdm bar of the batches
+    (stderr, terminals only).
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
@@ -77,7 +88,8 @@ def extract_dense_features(
     backbone.eval()
     try:
         with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp):
-            for images, batch_masks in loader:
+            batches = progress_bar(loader, enabled=progress, total=_num_batches(loader), desc="features", unit="batch")
+            for images, batch_masks in batches:
                 if filled >= capacity:
                     break
                 if not images.is_floating_point():

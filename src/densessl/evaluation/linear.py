@@ -181,10 +181,10 @@ class LinearResult:
 
 
 def _cached_dataset(backbone: nn.Module, dataset: Any, image_size: int, batch_size: int, num_workers: int,
-                    device: torch.device, amp: bool, mask_size: int | None) -> TensorDataset:
+                    device: torch.device, amp: bool, mask_size: int | None, progress: bool = False) -> TensorDataset:
     """(tokens (n, h, w, D), masks (n, S, S) uint8) of a whole split; masks kept at mask_size (None: image_size)."""
     loader = seg_loader(dataset, image_size, batch_size, num_workers)
-    features = extract_dense_features(backbone, loader, device=device, amp=amp)
+    features = extract_dense_features(backbone, loader, device=device, amp=amp, progress=progress)
     masks = features.masks if mask_size is None else resize_masks(features.masks, mask_size)
     return TensorDataset(features.tokens, masks)
 
@@ -269,6 +269,7 @@ def train_linear(
     num_vis: int = 0,
     solver: str = "sgd",
     max_iter: int = 200,
+    progress: bool = False,
 ) -> LinearResult:
     """Train a linear segmentation head on the frozen ``backbone`` and evaluate it (module docstring).
 
@@ -283,6 +284,7 @@ def train_linear(
     predictions and targets of the first val images of the final evaluation for pictures (no extra pass).
     ``solver``: "sgd" (the reference recipe above) or "lbfgs" (cached features only: ``max_iter`` full-batch
     L-BFGS iterations to convergence; ``epochs``, ``batch_size``, ``lr``, ``momentum`` and the schedule are unused).
+    ``progress``: tqdm bars of the feature caching (cache_features=True; stderr, terminals only).
     """
     if solver not in ("sgd", "lbfgs"):
         raise ValueError(f"solver must be 'sgd' or 'lbfgs', got {solver!r}")
@@ -314,9 +316,9 @@ def train_linear(
             if cache_features:
                 backbone.to(device)
                 train_data = _cached_dataset(backbone, train_dataset, image_size, eval_batch_size, num_workers,
-                                             device, amp, train_mask_size)
+                                             device, amp, train_mask_size, progress)
                 val_data = _cached_dataset(backbone, val_dataset, image_size, eval_batch_size, num_workers,
-                                           device, amp, None)
+                                           device, amp, None, progress)
                 train_workers = 0  # tensors already in memory
             else:
                 transform = SegTransform(image_size, train=augment, crop_scale=crop_scale)

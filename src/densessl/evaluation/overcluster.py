@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,7 +22,8 @@ from torch import Tensor
 
 from densessl.evaluation.features import DenseFeatures
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, match_hungarian, match_many_to_one, miou
-from densessl.faiss_import import import_faiss
+from densessl.evaluation.runtime import progress_bar
+from densessl.faiss_import import check_faiss_gpu, faiss_threads, import_faiss
 
 faiss = import_faiss()
 
@@ -236,15 +236,6 @@ def prepare_overcluster_inputs(
     return OverclusterInputs(points, pairs // 256, pairs % 256, counts, rows[:num_vis].clone())
 
 
-def _check_gpu(gpu: bool) -> None:
-    # No silent CPU fallback: a GPU run that quietly takes hours on the CPU is worse than an error.
-    if gpu and faiss.get_num_gpus() == 0:
-        raise ValueError(
-            "gpu=True needs a faiss build with GPU support and a visible GPU: install faiss-gpu instead of faiss-cpu "
-            '(pip uninstall faiss-cpu && pip install -e ".[gpu]", or conda-forge faiss-gpu) or pass gpu=False'
-        )
-
-
 def kmeans_labels(
     points: np.ndarray,
     k: int,
@@ -257,7 +248,7 @@ def kmeans_labels(
     """faiss k-means on (N, d) float32 points, then nearest-centroid assignment -> (N,) int64 labels."""
     if k > len(points):
         raise ValueError(f"K={k} exceeds the number of points ({len(points)}): use fewer clusters or more images")
-    _check_gpu(gpu)
+    check_faiss_gpu(gpu)
     kmeans = faiss.Kmeans(points.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, gpu=gpu)
     kmeans.train(points)
     return torch.from_numpy(kmeans.index.search(points, 1)[1].reshape(-1))
@@ -272,16 +263,6 @@ def cluster_miou(labels: Tensor, inputs: OverclusterInputs, k: int, num_classes:
     conf = confusion_matrix(pred, inputs.pair_classes, k, num_classes, ignore_index=None, weights=inputs.pair_counts)
     mapping = match_hungarian(conf) if k == num_classes else match_many_to_one(conf)
     return miou(apply_matching(conf, mapping, num_classes)), mapping
-
-
-@contextmanager
-def _faiss_threads(num_threads: int) -> Iterator[None]:
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def overcluster(
@@ -299,23 +280,25 @@ def overcluster(
     upsample: Literal["clusters", "features"] = "clusters",
     num_vis: int = 0,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> OverclusterResult:
     """Overclustering mIoU for every K in ``ks``, over ``seeds`` (see module docstring).
 
     Defaults are the offline protocol (niter 100, nredo 5, seeds 0-4, PCA 50, masks at 100 px). The
     in-training variant is upsample="features", niter=50. ``num_vis`` keeps the matched maps of the first
     images under the first seed. faiss uses ``num_threads`` OpenMP threads (default: torch's intra-op
-    thread count, so both libraries respect one setting), restored afterwards.
+    thread count, so both libraries respect one setting), restored afterwards. ``progress``: a tqdm bar
+    over the (K, seed) k-means runs (stderr, terminals only).
     """
     ks, seeds = tuple(int(k) for k in ks), tuple(int(s) for s in seeds)
     if num_classes < 1 or not ks or min(ks) < 1 or not seeds:
         raise ValueError(f"need num_classes >= 1, at least one K >= 1 and one seed (got {num_classes}, {ks}, {seeds})")
     if len(set(ks)) != len(ks):
         raise ValueError(f"duplicate K in {ks}")
-    _check_gpu(gpu)
+    check_faiss_gpu(gpu)
     num_threads = num_threads or torch.get_num_threads()
     timings: dict[str, float] = {}
-    with _faiss_threads(num_threads):
+    with faiss_threads(num_threads):
         start = time.perf_counter()
         inputs = prepare_overcluster_inputs(features, pca_dim, mask_size, ignore_index, upsample, num_vis)
         timings["prepare_s"] = time.perf_counter() - start
@@ -323,15 +306,18 @@ def overcluster(
         matched_maps: dict[int, Tensor] = {}
         for k in ks:
             timings[f"kmeans_k{k}_s"] = timings[f"metric_k{k}_s"] = 0.0
-            for seed in seeds:
-                start = time.perf_counter()
-                labels = kmeans_labels(inputs.points, k, seed, niter, nredo, spherical, gpu)
-                middle = time.perf_counter()
-                value, mapping = cluster_miou(labels, inputs, k, num_classes)
-                timings[f"kmeans_k{k}_s"] += middle - start
-                timings[f"metric_k{k}_s"] += time.perf_counter() - middle
-                results.setdefault(k, []).append(value)
-                if seed == seeds[0] and num_vis:
-                    matched_maps[k] = mapping[labels[inputs.rows_of_first]].to(torch.uint8)
+        runs = [(k, seed) for k in ks for seed in seeds]
+        bar = progress_bar(runs, enabled=progress, desc="k-means (K, seed)", unit="run")
+        for k, seed in bar:
+            bar.set_postfix_str(f"K={k} seed={seed}")
+            start = time.perf_counter()
+            labels = kmeans_labels(inputs.points, k, seed, niter, nredo, spherical, gpu)
+            middle = time.perf_counter()
+            value, mapping = cluster_miou(labels, inputs, k, num_classes)
+            timings[f"kmeans_k{k}_s"] += middle - start
+            timings[f"metric_k{k}_s"] += time.perf_counter() - middle
+            results.setdefault(k, []).append(value)
+            if seed == seeds[0] and num_vis:
+                matched_maps[k] = mapping[labels[inputs.rows_of_first]].to(torch.uint8)
     vis_targets = resize_masks(features.masks[:num_vis], mask_size, features.image_size) if num_vis else None
     return OverclusterResult(num_classes, seeds, results, matched_maps, vis_targets, timings)

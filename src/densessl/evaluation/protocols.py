@@ -2,6 +2,7 @@
 the before/after report call, so every entry point runs the same protocol."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
@@ -13,6 +14,8 @@ from densessl.evaluation.overcluster import OverclusterResult, overcluster
 if TYPE_CHECKING:  # runtime imports are deferred: linear.py and retrieval.py import this module's helpers
     from densessl.evaluation.linear import LinearResult
     from densessl.evaluation.retrieval import RetrievalResult
+
+logger = logging.getLogger(__name__)
 
 
 class _WithTransform(Dataset):
@@ -36,15 +39,15 @@ def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int 
 
 def evaluate_overclustering(backbone: Any, dataset: Any, *, image_size: int = 448, batch_size: int = 16,
                             max_images: int | None = None, num_workers: int = 0, device: str | None = None,
-                            **options: Any) -> OverclusterResult:
+                            progress: bool = False, **options: Any) -> OverclusterResult:
     """Frozen patch tokens of ``backbone`` on ``dataset`` (image_size x image_size input) -> the
     overclustering protocol of NeCo/Leopart (``densessl.evaluation.overcluster``)."""
     base = dataset.dataset if hasattr(dataset, "dataset") else dataset
     num_classes = int(getattr(base, "num_classes"))
     device = device or next(backbone.parameters()).device
     loader = seg_loader(dataset, image_size, batch_size, num_workers, max_images)
-    features = extract_dense_features(backbone, loader, device=device)
-    return overcluster(features, num_classes=num_classes, **options)
+    features = extract_dense_features(backbone, loader, device=device, progress=progress)
+    return overcluster(features, num_classes=num_classes, progress=progress, **options)
 
 def _first(dataset: Any, max_images: int | None) -> Any:
     if max_images is None:
@@ -108,7 +111,8 @@ def load_backbone(backbone_cfg: dict[str, Any], weights: str | None = None) -> A
 
 
 def write_results(out_dir: Any, name: str, figures: dict[str, float], table: str) -> None:
-    """figures -> out_dir/{name}.json and .csv; prints the table."""
+    """figures -> out_dir/{name}.json and .csv; the table goes to the log (INFO: the console and Hydra's
+    log file)."""
     import csv
     import json
     from pathlib import Path
@@ -120,8 +124,8 @@ def write_results(out_dir: Any, name: str, figures: dict[str, float], table: str
         writer = csv.writer(f)
         writer.writerow(["metric", "value"])
         writer.writerows(sorted(figures.items()))
-    print(table)
-    print(f"\nresults: {out / f'{name}.json'} and {out / f'{name}.csv'}", flush=True)
+    logger.info("%s", table)
+    logger.info("\nresults: %s and %s", out / f"{name}.json", out / f"{name}.csv")
 
 
 class _ImagesForDSE(Dataset):
@@ -143,7 +147,7 @@ class _ImagesForDSE(Dataset):
 
 
 def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
-                 batch_size: int = 64, seed: int = 0, device: Any = None) -> Any:
+                 batch_size: int = 64, seed: int = 0, device: Any = None, progress: bool = False) -> Any:
     """Frozen patch tokens (n, N, D) of ``num_images`` images drawn with ``seed`` from ``dataset``
     (images or (image, mask) items), resized (bicubic, shorter side image_size * 8/7) and centre-cropped
     to image_size and ImageNet-normalised, as the DSE reference (Resize 256, CenterCrop 224)."""
@@ -156,17 +160,18 @@ def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_s
                     T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
     loader = DataLoader(_ImagesForDSE(dataset, order, tf), batch_size=batch_size, shuffle=False)
-    tokens = extract_dense_features(backbone, loader, device=device or next(backbone.parameters()).device).tokens
+    tokens = extract_dense_features(backbone, loader, device=device or next(backbone.parameters()).device,
+                                    progress=progress).tokens
     return tokens.flatten(1, 2)  # (n, h, w, D) -> (n, N, D)
 
 
 def evaluate_dse(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
                  batch_size: int = 64, dse_batch: int = 1024, seed: int = 0, device: Any = None,
-                 **dse_options: Any) -> Any:
+                 progress: bool = False, **dse_options: Any) -> Any:
     """DSE (``densessl.metrics.dse``) of ``backbone`` on a fixed sample of ``dataset``: terms per batch of
     ``dse_batch`` images, averaged over batches with equal weight (reference get_DSE.py)."""
     from densessl.metrics import dse_over_batches
 
     feats = dse_features(backbone, dataset, num_images=num_images, image_size=image_size, batch_size=batch_size,
-                         seed=seed, device=device)
+                         seed=seed, device=device, progress=progress)
     return dse_over_batches(feats.split(dse_batch), seed=seed, **dse_options)

@@ -29,10 +29,8 @@ Differences from the reference, none of which changes the figures except (c):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -49,21 +47,23 @@ from torchvision.transforms.v2 import functional as TF
 from densessl.data import IMAGENET_MEAN
 from densessl.data.datasets import SegTransform
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, iou_from_confusion, match_hungarian, miou
-from densessl.evaluation.overcluster import _check_gpu, _faiss_threads
 from densessl.evaluation.protocols import _WithTransform
-from densessl.faiss_import import import_faiss
-
-faiss = import_faiss()
+from densessl.evaluation.runtime import progress_bar
+from densessl.evaluation.search import SEARCHES, ExactSearch, IVFSearch, make_search
+from densessl.faiss_import import faiss_threads
 
 __all__ = [
     "HBIRD_STD",
+    "SEARCHES",
     "ExactSearch",
+    "IVFSearch",
     "HummingbirdTransform",
     "Memory",
     "RetrievalResult",
     "build_memory",
     "evaluate_memory",
     "hummingbird",
+    "make_search",
     "patch_label_counts",
     "sample_patches",
     "transfer_labels",
@@ -236,129 +236,6 @@ def build_memory(
         raise ValueError("no training batches: the training set is empty")
     # Fewer images than announced (e.g. a drop_last loader): views of the filled rows, no copy.
     return Memory(features[:filled], labels[:filled])
-
-
-@contextmanager
-def _blas_database_block(rows: int) -> Iterator[None]:
-    """faiss's exact search scores memory rows in GEMM blocks of ``distance_compute_blas_database_bs``
-    (default 1024): 16384 was 1.2x faster for 1,024 queries x 1.024M x 384 on 2 CPU cores (5.37 -> 4.33 s;
-    4096 and 65536 were within 3 %), same neighbours. A process-wide faiss setting: restored after."""
-    previous = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = rows
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = previous
-
-
-class ExactSearch:
-    """Exact maximum-inner-product search over the memory rows (faiss).
-
-    CPU: ``faiss.knn`` on the memory buffer itself (the kernel of ``IndexFlatIP.search``, without
-    copying the memory into an index); float16 memories are searched in float32 blocks of
-    ``block_rows`` rows whose results are merged. gpu=True: a faiss ``GpuIndexFlatIP`` (float16
-    storage if the memory is float16); needs faiss with GPU support, else a ValueError.
-    """
-
-    def __init__(self, features: Tensor, gpu: bool = False, block_rows: int = 1 << 20) -> None:
-        if features.ndim != 2 or features.dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"features must be (M, D) float32/float16, got {features.dtype} {tuple(features.shape)}")
-        _check_gpu(gpu)
-        self.features, self.block_rows, self.index = features.contiguous(), block_rows, None
-        if gpu:
-            self._resources = faiss.StandardGpuResources()
-            config = faiss.GpuIndexFlatConfig()
-            config.useFloat16 = features.dtype == torch.float16
-            self.index = faiss.GpuIndexFlatIP(self._resources, features.shape[1], config)
-            for block in self.features.split(block_rows):
-                self.index.add(block.float().numpy())
-
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """queries (Q, D) float32 -> (similarities (Q, k) float32, memory rows (Q, k) int64), best first."""
-        if not 1 <= k <= len(self.features):
-            raise ValueError(f"k={k} must be in [1, {len(self.features)}] (the memory size)")
-        queries = queries.float().contiguous().numpy()
-        if self.index is not None:
-            sims, rows = self.index.search(queries, k)
-            return torch.from_numpy(sims), torch.from_numpy(rows)
-        step = len(self.features) if self.features.dtype == torch.float32 else self.block_rows
-        best_sims = best_rows = None
-        for start in range(0, len(self.features), step):
-            block = self.features[start : start + step].float().numpy()  # a view for float32
-            with _blas_database_block(16384):
-                sims, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-            sims, rows = torch.from_numpy(sims), torch.from_numpy(rows) + start
-            if best_sims is not None:
-                sims, rows = torch.cat([best_sims, sims], 1), torch.cat([best_rows, rows], 1)
-                sims, order = sims.topk(k, dim=1)
-                rows = rows.gather(1, order)
-            best_sims, best_rows = sims, rows
-        return best_sims, best_rows
-
-
-class IVFSearch:
-    """Approximate maximum-inner-product search in the manner of the reference's default ScaNN backend
-    (hbird/nn/search_scann.py: 512 leaves, 32 searched, the best 120 re-scored exactly).
-
-    faiss ``IndexIVFScalarQuantizer`` (8-bit codes: 1 byte per dimension, a quarter of the float32
-    memory) finds ``reorder`` candidates in ``nprobe`` of ``nlist`` lists; their exact inner products
-    with the memory rows pick the best k, so the returned similarities are exact. The lists come from
-    k-means on at most ``256 * nlist`` memory rows drawn with ``seed`` (faiss's own sample size).
-    gpu=True moves the index to GPU 0 (faiss with GPU support).
-    """
-
-    def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 120,
-                 gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
-        if features.ndim != 2:
-            raise ValueError(f"features must be (M, D), got {tuple(features.shape)}")
-        if not 1 <= nprobe <= nlist or len(features) < 39 * nlist:
-            raise ValueError(
-                f"search=ivf with nlist={nlist}, nprobe={nprobe} needs 1 <= nprobe <= nlist and a memory of at "
-                f"least 39 * nlist = {39 * nlist} rows (faiss k-means), got {len(features)}; lower nlist or use "
-                "search=exact"
-            )
-        _check_gpu(gpu)
-        dim = features.shape[1]
-        self.features, self.reorder = features, reorder
-        self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
-        index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[: 256 * nlist]
-        index.train(features[sample.sort().values].float().numpy())
-        for block in features.split(block_rows):
-            index.add(block.float().contiguous().numpy())
-        index.nprobe = nprobe
-        if gpu:
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-        self.index = index
-
-    def search(self, queries: Tensor, k: int, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
-        """queries (Q, D) -> (exact similarities (Q, k), memory rows (Q, k)), best first. When the visited
-        lists hold fewer than k rows, the missing entries are row -1 with similarity -inf (weight 0)."""
-        queries = queries.float().contiguous()
-        _, rows = self.index.search(queries.numpy(), max(k, self.reorder))
-        rows = torch.from_numpy(rows)
-        sims = torch.cat([  # exact re-scoring, a (chunk, reorder, D) float32 temporary at a time
-            torch.einsum("qd,qrd->qr", q, self.features[r.clamp_min(0)].float())
-            for q, r in zip(queries.split(query_chunk), rows.split(query_chunk))
-        ]).masked_fill(rows < 0, -math.inf)
-        sims, order = sims.topk(k, dim=1)
-        return sims, rows.gather(1, order)
-
-
-SEARCHES = ("exact", "ivf")
-
-
-def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, nlist: int = 512,
-                nprobe: int = 32, seed: int = 0) -> ExactSearch | IVFSearch:
-    """The memory's searcher: ``search="exact"`` (:class:`ExactSearch`) or ``"ivf"`` (:class:`IVFSearch`)."""
-    if search == "exact":
-        return ExactSearch(features, gpu=gpu)
-    if search == "ivf":
-        return IVFSearch(features, nlist=nlist, nprobe=nprobe, gpu=gpu, seed=seed)
-    raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
 
 
 def transfer_labels(sims: Tensor, rows: Tensor, labels: Tensor, temperature: float = 0.02) -> Tensor:
@@ -559,8 +436,8 @@ def hummingbird(
     std: Sequence[float] = HBIRD_STD,
     seed: int = 0,
     num_threads: int | None = None,
-    verbose: bool = False,
     num_vis: int = 0,
+    progress: bool = False,
 ) -> RetrievalResult:
     """Hummingbird dense NN retrieval mIoU of a frozen ``backbone`` (see the module docstring).
 
@@ -575,6 +452,7 @@ def hummingbird(
     Timings (``result.timings``, s): *_load_forward_s = data loading + augmentation + backbone,
     memory_build_s = sampling and writing the memory, then search, label transfer and metric.
     ``num_vis`` keeps the predictions and masks of the first val images (at image_size) for pictures.
+    ``progress``: tqdm bars of the memory build and the search (stderr, terminals only).
     """
     if augmentation_epochs < 1 or k < 1 or batch_size < 1:
         raise ValueError(
@@ -595,10 +473,13 @@ def hummingbird(
     backbone.eval()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with _faiss_threads(num_threads or torch.get_num_threads()), torch.random.fork_rng(devices=fork_devices):
+        with faiss_threads(num_threads or torch.get_num_threads()), torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)  # augmentations in the main process (num_workers=0)
             start = time.perf_counter()
-            batches = _patch_batches(backbone, loader(train_dataset, True), device, amp, augmentation_epochs)
+            train_loader = loader(train_dataset, True)
+            batches = progress_bar(_patch_batches(backbone, train_loader, device, amp, augmentation_epochs),
+                                   enabled=progress, total=len(train_loader) * augmentation_epochs, desc="memory",
+                                   unit="batch")
             memory = build_memory(
                 _timed(batches, timings, "memory_load_forward_s"),
                 total_images=len(train_dataset) * augmentation_epochs,
@@ -608,7 +489,9 @@ def hummingbird(
                 seed=seed,
             )
             timings["memory_build_s"] = time.perf_counter() - start - timings["memory_load_forward_s"]
-            val_batches = _patch_batches(backbone, loader(val_dataset, False), device, amp)
+            val_loader = loader(val_dataset, False)
+            val_batches = progress_bar(_patch_batches(backbone, val_loader, device, amp), enabled=progress,
+                                       total=len(val_loader), desc="search", unit="batch")
             val_batches = _timed(val_batches, timings, "val_load_forward_s")
             start = time.perf_counter()
             result = evaluate_memory(
@@ -619,6 +502,4 @@ def hummingbird(
             timings["evaluate_total_s"] = time.perf_counter() - start
     finally:
         backbone.train(was_training)
-    if verbose:
-        print(result.table())
     return result
