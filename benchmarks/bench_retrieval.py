@@ -32,12 +32,12 @@ from densessl.evaluation.metrics import apply_matching, match_hungarian, miou
 from densessl.evaluation.retrieval import (
     ExactSearch,
     IVFSearch,
-    _timed,
     build_memory,
     evaluate_memory,
     patch_label_counts,
     transfer_labels,
 )
+from densessl.evaluation.runtime import timed_iter
 from densessl.faiss_import import faiss_threads
 
 C, D, GRID, PATCH = 21, 384, 32, 14
@@ -107,7 +107,7 @@ def main() -> None:
     with faiss_threads(args.threads):
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        memory = build_memory(_timed(train_batches(), timings, "generate"), total_images=args.n_train * args.epochs,
+        memory = build_memory(timed_iter(train_batches(), timings, "generate"), total_images=args.n_train * args.epochs,
                               num_classes=C, memory_size=args.memory_size)
         build = time.perf_counter() - start - timings["generate"]
         rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

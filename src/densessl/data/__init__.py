@@ -1,10 +1,7 @@
 """Datasets, synthetic scenes and joint segmentation transforms."""
 
-# Defined before the submodule imports below, which read them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-from densessl.data.datasets import (  # noqa: E402
+from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
+from densessl.data.datasets import (
     ADE20K_CLASSES,
     IGNORE_INDEX,
     VOC_CLASSES,
@@ -17,16 +14,16 @@ from densessl.data.datasets import (  # noqa: E402
     read_mask,
     skipped_files,
 )
-from densessl.data.cityscapes import (  # noqa: E402
+from densessl.data.cityscapes import (
     CITYSCAPES_CLASSES,
     CityscapesSegmentation,
 )
-from densessl.data.coco import (  # noqa: E402
+from densessl.data.coco import (
     COCO_STUFF_CLASSES,
     COCOStuffSegmentation,
     coco_stuff_lut,
 )
-from densessl.data.synthetic import (  # noqa: E402
+from densessl.data.synthetic import (
     SYNTHETIC_CLASSES,
     default_cache_dir,
     ensure_synthetic_voc,

@@ -10,11 +10,11 @@ from PIL import Image
 from densessl.data.datasets import (
     IGNORE_INDEX,
     JointTransform,
-    _check_dir,
-    _check_listed_files,
-    _check_root,
-    _layout_error,
-    _SegmentationDataset,
+    SegmentationDataset,
+    check_dir,
+    check_listed_files,
+    check_root,
+    layout_error,
     read_mask,
 )
 
@@ -44,7 +44,7 @@ _CITYSCAPES_TREE = """\
     `-- val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png ..."""
 
 
-class CityscapesSegmentation(_SegmentationDataset):
+class CityscapesSegmentation(SegmentationDataset):
     """Cityscapes ``train`` (2,975) or ``val`` (500) with the 19 train-id classes, 255 = ignore.
 
     Reads ``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` and the matching
@@ -67,18 +67,18 @@ class CityscapesSegmentation(_SegmentationDataset):
             raise ValueError(f"CityscapesSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
         name, tree, example = f"CityscapesSegmentation({split!r})", _CITYSCAPES_TREE, "cityscapes"
-        _check_root(self.root, name, tree, config_key, example, "leftImg8bit", ("cityscapes",))
+        check_root(self.root, name, tree, config_key, example, "leftImg8bit", ("cityscapes",))
         image_dir, mask_dir = self.root / "leftImg8bit" / split, self.root / "gtFine" / split
-        _check_dir(image_dir, name, tree, config_key, example, hint="unzip leftImg8bit_trainvaltest.zip here")
-        _check_dir(mask_dir, name, tree, config_key, example, hint="unzip gtFine_trainvaltest.zip here")
+        check_dir(image_dir, name, tree, config_key, example, hint="unzip leftImg8bit_trainvaltest.zip here")
+        check_dir(mask_dir, name, tree, config_key, example, hint="unzip gtFine_trainvaltest.zip here")
         self.images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         if not self.images:
-            raise _layout_error(
+            raise layout_error(
                 name, f"no <city>/*_leftImg8bit.png images in {image_dir}", tree, config_key, example
             )
         suffix = len("_leftImg8bit.png")
         self.masks = [mask_dir / p.parent.name / f"{p.name[:-suffix]}_gtFine_labelIds.png" for p in self.images]
-        _check_listed_files(self.masks, name, tree, config_key, example)
+        check_listed_files(self.masks, name, tree, config_key, example)
         self.class_names = CITYSCAPES_CLASSES
         super().__init__(transform, on_bad_image, config_key)
 

@@ -21,11 +21,11 @@ from PIL import Image
 from densessl.data.datasets import (
     IGNORE_INDEX,
     JointTransform,
-    _check_dir,
-    _check_listed_files,
-    _check_root,
-    _layout_error,
-    _SegmentationDataset,
+    SegmentationDataset,
+    check_dir,
+    check_listed_files,
+    check_root,
+    layout_error,
     read_mask,
 )
 
@@ -126,7 +126,7 @@ _COCO_TREE = """\
 COCO_MASK_DIR = Path("annotations") / "stuffthingmaps_trainval2017"
 
 
-class COCOStuffSegmentation(_SegmentationDataset):
+class COCOStuffSegmentation(SegmentationDataset):
     """COCO-Stuff 164k images with coarse labels ``classes`` = ``stuff27`` | ``stuff15`` | ``things12``.
 
     ``root`` holds ``images/{train2017,val2017}`` and the official stuff+thing maps in
@@ -151,13 +151,13 @@ class COCOStuffSegmentation(_SegmentationDataset):
         self.root, self.split, self.classes = Path(root).expanduser(), split, classes
         self.class_names = COCO_STUFF_CLASSES[classes]
         name, tree, example = f"COCOStuffSegmentation({split!r}, {classes!r})", _COCO_TREE, "coco"
-        _check_root(self.root, name, tree, config_key, example)
+        check_root(self.root, name, tree, config_key, example)
         if split in ("train", "val"):
             image_dir = self.root / "images" / f"{split}2017"
             self._check_folders(image_dir.name, name, config_key)
             self.images = sorted(image_dir.glob("*.jpg"))
             if not self.images:
-                raise _layout_error(name, f"no .jpg images in {image_dir}", tree, config_key, example)
+                raise layout_error(name, f"no .jpg images in {image_dir}", tree, config_key, example)
         else:
             relative = self._read_subset(name, config_key)
             for folder in sorted({r.parts[0] for r in relative}):
@@ -165,13 +165,13 @@ class COCOStuffSegmentation(_SegmentationDataset):
             self.images = [self.root / "images" / r for r in relative]
         mask_root = self.root / COCO_MASK_DIR
         self.masks = [mask_root / p.parent.name / f"{p.stem}.png" for p in self.images]
-        _check_listed_files(self.images + self.masks, name, tree, config_key, example)
+        check_listed_files(self.images + self.masks, name, tree, config_key, example)
         super().__init__(transform, on_bad_image, config_key)
 
     def _read_subset(self, name: str, config_key: str) -> list[Path]:
         path = self.root / "subsets" / f"{self.split}.txt"
         if not path.is_file():
-            raise _layout_error(
+            raise layout_error(
                 name,
                 f"split {self.split!r} is neither 'train' nor 'val' nor an image list: missing {path}",
                 _COCO_TREE, config_key, "coco",
@@ -194,7 +194,7 @@ class COCOStuffSegmentation(_SegmentationDataset):
         if not image_dir.is_dir() and any((self.root / folder).glob("*.jpg")):
             hint = f"the images sit directly in {self.root / folder}: move them to images/ " \
                    f"(cd {self.root} && mkdir -p images && mv {folder} images/)"
-        _check_dir(image_dir, name, tree, config_key, example, hint)
+        check_dir(image_dir, name, tree, config_key, example, hint)
         if not mask_dir.is_dir():
             annotations = self.root / "annotations"
             if (annotations / folder).is_dir():
@@ -207,7 +207,7 @@ class COCOStuffSegmentation(_SegmentationDataset):
                        "`python data/convert_coco.py pixelmaps ...` (data/README.md)"
             else:
                 hint = "download and unzip stuffthingmaps_trainval2017.zip (data/README.md)"
-        _check_dir(mask_dir, name, tree, config_key, example, hint)
+        check_dir(mask_dir, name, tree, config_key, example, hint)
 
     def _load_mask(self, index: int) -> Image.Image:
         return Image.fromarray(self.lut[np.asarray(read_mask(self.masks[index]))])

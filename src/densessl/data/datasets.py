@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision import tv_tensors
 
-from densessl.data import IMAGENET_MEAN, IMAGENET_STD
+from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -29,8 +29,13 @@ __all__ = [
     "IGNORE_INDEX",
     "ImageFolderDataset",
     "SegTransform",
+    "SegmentationDataset",
     "VOCSegmentation",
     "VOC_CLASSES",
+    "check_dir",
+    "check_listed_files",
+    "check_root",
+    "layout_error",
     "read_image",
     "read_mask",
     "skipped_files",
@@ -99,9 +104,10 @@ _ADE_TREE = """\
     `-- validation/            ADE_val_00000001.png ..."""
 
 
-def _layout_error(
+def layout_error(
     dataset: str, problem: str, tree: str, config_key: str, example: str, hint: str = ""
 ) -> FileNotFoundError:
+    """The FileNotFoundError for a dataset folder that does not match ``tree``, naming ``config_key``."""
     lines = [f"{dataset}: {problem}"]
     if hint:
         lines.append(f"Hint: {hint}")
@@ -158,33 +164,35 @@ def read_mask(path: str | Path) -> Image.Image:
     return mask
 
 
-def _check_dir(path: Path, dataset: str, tree: str, key: str, example: str, hint: str = "") -> None:
+def check_dir(path: Path, dataset: str, tree: str, key: str, example: str, hint: str = "") -> None:
+    """Raise :func:`layout_error` unless ``path`` is a folder."""
     if not path.is_dir():
-        raise _layout_error(dataset, f"missing folder {path}", tree, key, example, hint)
+        raise layout_error(dataset, f"missing folder {path}", tree, key, example, hint)
 
 
-def _check_root(root: Path, dataset: str, tree: str, key: str, example: str, marker: str | None = None,
-                inner: Sequence[str] = ()) -> None:
+def check_root(root: Path, dataset: str, tree: str, key: str, example: str, marker: str | None = None,
+               inner: Sequence[str] = ()) -> None:
     """``root`` must be a folder. If it lacks the ``marker`` folder but one of the ``inner`` subfolders
     has it (a download unpacked one level too high), the error names that subfolder."""
     if not root.is_dir():
-        raise _layout_error(dataset, f"dataset root {root} does not exist or is not a folder", tree, key, example)
+        raise layout_error(dataset, f"dataset root {root} does not exist or is not a folder", tree, key, example)
     if marker is not None and not (root / marker).is_dir():
         for sub in inner:
             if (root / sub / marker).is_dir():
-                raise _layout_error(
+                raise layout_error(
                     dataset, f"{root} is not the {Path(sub).name} folder", tree, key, example,
                     hint=f"it contains the dataset one level down: set {key}={root / sub}",
                 )
 
 
-def _check_listed_files(
+def check_listed_files(
     paths: Sequence[Path], dataset: str, tree: str, key: str, example: str
 ) -> None:
+    """Raise :func:`layout_error` naming the first missing files if any of ``paths`` is not a file."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
         shown = "\n".join(f"  {p}" for p in missing[:5])
-        raise _layout_error(
+        raise layout_error(
             dataset, f"{len(missing)} of {len(paths)} listed files are missing, e.g.\n{shown}",
             tree, key, example,
         )
@@ -272,17 +280,17 @@ class ImageFolderDataset(_FileDataset):
         root = Path(root).expanduser()
         if subdir is not None:
             example, tree = "coco", _SUBDIR_TREE.format(subdir=f"{subdir}/")
-            _check_root(root, name, tree, config_key, example)
-            _check_dir(root / subdir, name, tree, config_key, example, _subdir_hint(root, Path(subdir), config_key))
+            check_root(root, name, tree, config_key, example)
+            check_dir(root / subdir, name, tree, config_key, example, _subdir_hint(root, Path(subdir), config_key))
             root = root / subdir
         self.root, self.transform = root, transform
-        _check_root(self.root, name, tree, config_key, example)
+        check_root(self.root, name, tree, config_key, example)
         exts = tuple(e.lower() for e in extensions)
         self.files = sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in exts and p.is_file()
         )
         if not self.files:
-            raise _layout_error(
+            raise layout_error(
                 name, f"no files with extensions {exts} under {self.root} (searched recursively)",
                 tree, config_key, example,
                 hint="is the archive still zipped, or does the root point at an annotations folder?",
@@ -300,7 +308,7 @@ class ImageFolderDataset(_FileDataset):
         return self.transform(image) if self.transform is not None else image
 
 
-class _SegmentationDataset(_FileDataset):
+class SegmentationDataset(_FileDataset):
     """Pairs of (image path, mask path); subclasses fill ``root``/``split``/``images``/``masks``/
     ``class_names`` before calling ``__init__``."""
 
@@ -355,7 +363,7 @@ class _SegmentationDataset(_FileDataset):
             )
 
 
-class VOCSegmentation(_SegmentationDataset):
+class VOCSegmentation(SegmentationDataset):
     """Pascal VOC 2012 semantic segmentation (21 classes, 255 = ignore).
 
     ``root`` is the VOC2012 folder (``VOCdevkit/VOC2012``). Splits: ``train`` and ``val`` read
@@ -379,10 +387,10 @@ class VOCSegmentation(_SegmentationDataset):
             raise ValueError(f"VOCSegmentation split must be one of {self.SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser(), split
         name, tree, example = f"VOCSegmentation({split!r})", _VOC_TREE, "VOCdevkit/VOC2012"
-        _check_root(self.root, name, tree, config_key, example, "JPEGImages", ("VOC2012", "VOCdevkit/VOC2012"))
-        _check_dir(self.root / "JPEGImages", name, tree, config_key, example)
+        check_root(self.root, name, tree, config_key, example, "JPEGImages", ("VOC2012", "VOCdevkit/VOC2012"))
+        check_dir(self.root / "JPEGImages", name, tree, config_key, example)
         mask_dir = self.root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
-        _check_dir(
+        check_dir(
             mask_dir, name, tree, config_key, example,
             hint="trainaug needs the SBD masks (SegmentationClassAug.zip), see data/README.md"
             if split == "trainaug" else "",
@@ -392,17 +400,17 @@ class VOCSegmentation(_SegmentationDataset):
         split_file = next((split_dir / n for n in names if (split_dir / n).is_file()), None)
         if split_file is None:
             present = sorted(p.name for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
-            raise _layout_error(
+            raise layout_error(
                 name, f"missing split file {split_dir / names[0]} (found: {present or 'none'})",
                 tree, config_key, example,
                 hint="build trainaug.txt as described in data/README.md" if split == "trainaug" else "",
             )
         ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
-            raise _layout_error(name, f"split file {split_file} is empty", tree, config_key, example)
+            raise layout_error(name, f"split file {split_file} is empty", tree, config_key, example)
         self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
         self.masks = [mask_dir / f"{i}.png" for i in ids]
-        _check_listed_files(self.images + self.masks, name, tree, config_key, example)
+        check_listed_files(self.images + self.masks, name, tree, config_key, example)
         classes_file = self.root / "classes.txt"
         self.class_names = (
             tuple(c.strip() for c in classes_file.read_text().splitlines() if c.strip())
@@ -417,7 +425,7 @@ _REDUCE_ZERO_LUT = np.concatenate([[255], np.arange(255)]).astype(np.uint8)
 _REDUCE_ZERO_LUT[255] = 255
 
 
-class ADE20KSegmentation(_SegmentationDataset):
+class ADE20KSegmentation(SegmentationDataset):
     """ADE20K SceneParsing (ADEChallengeData2016): 150 classes.
 
     Raw labels are 0 = "other" (unlabelled) and 1..150. With ``reduce_zero_label=True`` (default,
@@ -445,15 +453,15 @@ class ADE20KSegmentation(_SegmentationDataset):
         self.root, self.split = Path(root).expanduser(), split
         self.reduce_zero_label = reduce_zero_label
         name, tree, example = f"ADE20KSegmentation({split!r})", _ADE_TREE, "ADEChallengeData2016"
-        _check_root(self.root, name, tree, config_key, example, "images", ("ADEChallengeData2016",))
+        check_root(self.root, name, tree, config_key, example, "images", ("ADEChallengeData2016",))
         image_dir, mask_dir = self.root / "images" / split, self.root / "annotations" / split
-        _check_dir(image_dir, name, tree, config_key, example)
-        _check_dir(mask_dir, name, tree, config_key, example)
+        check_dir(image_dir, name, tree, config_key, example)
+        check_dir(mask_dir, name, tree, config_key, example)
         self.images = sorted(image_dir.glob("*.jpg"))
         if not self.images:
-            raise _layout_error(name, f"no .jpg images in {image_dir}", tree, config_key, example)
+            raise layout_error(name, f"no .jpg images in {image_dir}", tree, config_key, example)
         self.masks = [mask_dir / f"{p.stem}.png" for p in self.images]
-        _check_listed_files(self.masks, name, tree, config_key, example)
+        check_listed_files(self.masks, name, tree, config_key, example)
         self.class_names = ADE20K_CLASSES if reduce_zero_label else ("other", *ADE20K_CLASSES)
         super().__init__(transform, on_bad_image, config_key)
 

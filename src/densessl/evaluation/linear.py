@@ -33,11 +33,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densessl.data.datasets import SegTransform
+from densessl.evaluation.datasets import WithTransform, dataset_num_classes
 from densessl.evaluation.features import extract_dense_features
 from densessl.evaluation.metrics import confusion_matrix, iou_from_confusion, miou
 from densessl.evaluation.overcluster import resize_masks
-from densessl.evaluation.protocols import _WithTransform, seg_loader
-from densessl.evaluation.retrieval import _num_classes
+from densessl.evaluation.protocols import seg_loader
 
 __all__ = ["LinearResult", "LinearSegmentation", "linear_logits", "train_linear"]
 
@@ -297,7 +297,7 @@ def train_linear(
         )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
-    num_classes = num_classes or _num_classes(train_dataset)
+    num_classes = num_classes or dataset_num_classes(train_dataset)
     original_device = next(backbone.parameters()).device
     device = torch.device(device) if device is not None else original_device
     flags = [p.requires_grad for p in backbone.parameters()]
@@ -322,8 +322,8 @@ def train_linear(
                 train_workers = 0  # tensors already in memory
             else:
                 transform = SegTransform(image_size, train=augment, crop_scale=crop_scale)
-                train_data = _WithTransform(train_dataset, transform)
-                val_data = _WithTransform(val_dataset, SegTransform(image_size))
+                train_data = WithTransform(train_dataset, transform)
+                val_data = WithTransform(val_dataset, SegTransform(image_size))
                 train_workers = num_workers
             timings["cache_features_s"] = time.perf_counter() - start
             train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=train_workers,

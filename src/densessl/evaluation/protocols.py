@@ -7,33 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 from densessl.data.datasets import SegTransform
+from densessl.evaluation.datasets import WithTransform
 from densessl.evaluation.features import extract_dense_features
 from densessl.evaluation.overcluster import OverclusterResult, overcluster
 
-if TYPE_CHECKING:  # runtime imports are deferred: linear.py and retrieval.py import this module's helpers
+if TYPE_CHECKING:  # runtime imports are deferred: linear.py imports this module's seg_loader
     from densessl.evaluation.linear import LinearResult
     from densessl.evaluation.retrieval import RetrievalResult
 
 logger = logging.getLogger(__name__)
 
 
-class _WithTransform(Dataset):
-    def __init__(self, dataset: Any, transform: Any) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Any:
-        image, mask = self.dataset[i]
-        return self.transform(image, mask)
-
-
 def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int = 0,
                max_images: int | None = None) -> DataLoader:
     """(image resized to image_size and normalised, mask nearest-resized to image_size) batches."""
-    return DataLoader(_WithTransform(_first(dataset, max_images), SegTransform(image_size)), batch_size=batch_size,
+    return DataLoader(WithTransform(_first(dataset, max_images), SegTransform(image_size)), batch_size=batch_size,
                       num_workers=num_workers, shuffle=False)
 
 
@@ -153,8 +143,6 @@ def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_s
     to image_size and ImageNet-normalised, as the DSE reference (Resize 256, CenterCrop 224)."""
     import torch
     from torchvision import transforms as T
-
-    from densessl.data import IMAGENET_MEAN, IMAGENET_STD
 
     tf = T.Compose([T.Resize(round(image_size * 8 / 7), interpolation=T.InterpolationMode.BICUBIC),
                     T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from densessl.data import IMAGENET_MEAN
+from densessl.constants import IMAGENET_MEAN
 from densessl.data.datasets import SegTransform
+from densessl.evaluation.datasets import WithTransform, dataset_num_classes
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, iou_from_confusion, match_hungarian, miou
-from densessl.evaluation.protocols import _WithTransform
-from densessl.evaluation.runtime import progress_bar
+from densessl.evaluation.runtime import progress_bar, timed_iter
 from densessl.evaluation.search import SEARCHES, ExactSearch, IVFSearch, make_search
 from densessl.faiss_import import faiss_threads
 
@@ -72,8 +72,6 @@ __all__ = [
 # open-hummingbird-eval hbird/utils/transforms.py normalises with std (0.229, 0.224, 0.255): 0.255 is
 # most likely a typo of ImageNet's 0.225, but every published Hummingbird number used it, so we keep it.
 HBIRD_STD = (0.229, 0.224, 0.255)
-
-T = TypeVar("T")
 
 
 class HummingbirdTransform:
@@ -372,21 +370,6 @@ def evaluate_memory(
     )
 
 
-def _timed(items: Iterable[T], timings: dict[str, float], key: str) -> Iterator[T]:
-    """Yield from ``items``, adding the time spent producing each item to ``timings[key]``."""
-    iterator = iter(items)
-    timings.setdefault(key, 0.0)
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            timings[key] += time.perf_counter() - start
-        yield item
-
-
 def _patch_batches(
     backbone: nn.Module, loader: DataLoader, device: torch.device, amp: bool, epochs: int = 1
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -401,15 +384,6 @@ def _patch_batches(
             with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp):
                 tokens, (h, w) = backbone.forward_patches(images.to(device, non_blocking=True))
             yield tokens.float().reshape(len(images), h, w, -1), masks
-
-
-def _num_classes(dataset: Any) -> int:
-    base = dataset
-    while not hasattr(base, "num_classes") and hasattr(base, "dataset"):  # Subset, wrappers
-        base = base.dataset
-    if not hasattr(base, "num_classes"):
-        raise ValueError("the dataset has no num_classes attribute: pass num_classes=")
-    return int(base.num_classes)
 
 
 def hummingbird(
@@ -460,12 +434,12 @@ def hummingbird(
         )
     if search not in SEARCHES:  # checked before the memory is built, not after
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    num_classes = num_classes or _num_classes(train_dataset)
+    num_classes = num_classes or dataset_num_classes(train_dataset)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
 
     def loader(dataset: Any, train: bool) -> DataLoader:
         transform = HummingbirdTransform(image_size, train=train, std=std)
-        return DataLoader(_WithTransform(dataset, transform), batch_size=batch_size, shuffle=False,
+        return DataLoader(WithTransform(dataset, transform), batch_size=batch_size, shuffle=False,
                           num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
 
     timings: dict[str, float] = {}
@@ -481,7 +455,7 @@ def hummingbird(
                                    enabled=progress, total=len(train_loader) * augmentation_epochs, desc="memory",
                                    unit="batch")
             memory = build_memory(
-                _timed(batches, timings, "memory_load_forward_s"),
+                timed_iter(batches, timings, "memory_load_forward_s"),
                 total_images=len(train_dataset) * augmentation_epochs,
                 num_classes=num_classes,
                 memory_size=memory_size,
@@ -492,7 +466,7 @@ def hummingbird(
             val_loader = loader(val_dataset, False)
             val_batches = progress_bar(_patch_batches(backbone, val_loader, device, amp), enabled=progress,
                                        total=len(val_loader), desc="search", unit="batch")
-            val_batches = _timed(val_batches, timings, "val_load_forward_s")
+            val_batches = timed_iter(val_batches, timings, "val_load_forward_s")
             start = time.perf_counter()
             result = evaluate_memory(
                 memory, val_batches, num_classes=num_classes, k=k, temperature=temperature,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def resolve_device(value: Any, key: str = "device") -> torch.device:
@@ -72,6 +75,21 @@ def progress_bar(items: Iterable, *, enabled: bool = True, total: int | None = N
 
     return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
                 disable=True if not enabled else None)
+
+
+def timed_iter(items: Iterable[T], timings: dict[str, float], key: str) -> Iterator[T]:
+    """Yield from ``items``, adding the time spent producing each item to ``timings[key]``."""
+    iterator = iter(items)
+    timings.setdefault(key, 0.0)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            timings[key] += time.perf_counter() - start
+        yield item
 
 
 def eval_folder(default: str, stamp: str, *, _root_: DictConfig) -> str:

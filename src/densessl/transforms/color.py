@@ -5,7 +5,7 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
-from densessl.data import IMAGENET_MEAN, IMAGENET_STD
+from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ColorAugment(nn.Module):
