@@ -18,7 +18,9 @@ from densessl.metrics import (
     lambda_normalized_dse,
     select_checkpoints,
 )
-from densessl.metrics.dse import _METRIC, _REGULARIZER, _lloyd, _singular_values
+from densessl.metrics.dse import _METRIC, _REGULARIZER
+from densessl.metrics.kmeans import lloyd
+from densessl.metrics.spectra import singular_values
 
 B, N, D = 16, 196, 384
 
@@ -82,7 +84,7 @@ def test_masked_centred_singular_values_equal_those_of_the_member_rows(rows):
     x = _gaussian(5, (4, rows, 30)).double() + 3.0  # offset: centring matters
     member = torch.rand(4, rows, generator=torch.Generator().manual_seed(6)) < 0.6
     member[:, :2] = True
-    got = _singular_values(x, member, centre=True).sum(-1)
+    got = singular_values(x, member, centre=True).sum(-1)
     for p in range(4):
         rows_p = x[p][member[p]]
         expected = torch.linalg.svdvals(rows_p - rows_p.mean(0)).sum()
@@ -111,7 +113,7 @@ def test_batched_lloyd_freezes_each_problem_like_the_reference_loop():
     x[:3, :30] += 6.0
     init = x[:, :4].clone()
     init[1, 3] = 100.0  # far away: stays empty and must keep its centroid
-    centroids, labels = _lloyd(x, init, iters=20, tol=1e-4, rules=_METRIC, generator=gen)
+    centroids, labels = lloyd(x, init, iters=20, tol=1e-4, rules=_METRIC, generator=gen)
     for p in range(len(x)):
         c, lab = _reference_lloyd(x[p], init[p], 20, 1e-4)
         torch.testing.assert_close(centroids[p], c)
@@ -124,7 +126,7 @@ def test_regularizer_lloyd_reassigns_and_reseeds_empty_clusters():
     x = torch.randn(2, 50, 4, generator=gen, dtype=torch.float64)
     init = x[:, :3].clone()
     init[:, 2] = 100.0
-    centroids, labels = _lloyd(x, init, iters=1, tol=1e-4, rules=_REGULARIZER, generator=gen)
+    centroids, labels = lloyd(x, init, iters=1, tol=1e-4, rules=_REGULARIZER, generator=gen)
     assert (centroids[:, 2].abs() < 100).all()  # re-initialised at a token
     d = torch.cdist(x, centroids)
     assert torch.equal(labels, d.argmin(-1))  # labels of the final centroids

@@ -2,14 +2,13 @@
 
 from densessl.metrics.dse import (
     DSEResult,
-    centered_singular_sum,
     dse,
     dse_over_batches,
     dse_regularizer,
-    effective_rank,
     lambda_normalized_dse,
 )
 from densessl.metrics.selection import select_checkpoints
+from densessl.metrics.spectra import centered_singular_sum, effective_rank
 
 __all__ = [
     "DSEResult",

@@ -7,7 +7,7 @@ the k-means problems of a kind run as batched Lloyd iterations over
 cache-sized chunks, all singular-value work runs as batched LAPACK calls, and chunks are spread
 over one single-threaded worker per core. Where the time goes at (1024, 196, 384) on 2 cores
 (``benchmarks/bench_dse.py``): float64 Gram matrices and their eigenvalues for M_dim and css,
-which float32 cannot replace (``_singular_values``), then the k-means GEMMs.
+which float32 cannot replace (``spectra.singular_values``), then the k-means GEMMs.
 
 Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance terms divided by
 ``s`` = mean distance of a token to the batch-mean token):
@@ -21,6 +21,10 @@ Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance term
 * ``dim``        -- one random token per image gives a ``(B, D)`` matrix per draw; mean
   normalised effective rank over ``N`` draws.
 * ``value`` = inter + dim - (intra_img + intra_batch) / 2.
+
+This module holds the terms, the metric (:func:`dse`, :func:`dse_over_batches`), its options and
+rules, the regularizer and the lambda step; the batched k-means is in ``densessl.metrics.kmeans``
+and the singular-value spectra in ``densessl.metrics.spectra``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densessl.amp import autocast_off
+from densessl.metrics.kmeans import Seeding, kmeanspp_seed, lloyd, sq_dist
+from densessl.metrics.spectra import centered_singular_sum, effective_rank, erank, singular_values
 
 __all__ = [
     "DSEResult",
@@ -50,7 +56,6 @@ __all__ = [
 ]
 
 Variant = Literal["code", "paper"]
-Seeding = Literal["d", "d2"]
 
 # Work is split into chunks of about this many bytes, processed by one single-threaded worker
 # per core (``_parallel_map``). A chunk stays in the 32 MB L3 cache shared by two workers while
@@ -64,12 +69,6 @@ _CHUNK_BYTES = 8 * 2**20
 _PAD_MULTIPLE = 4
 # Relative spread s / rms token norm below which the features count as collapsed.
 _COLLAPSE_RATIO = 1e-4
-_P_EPS = 1e-12  # added to every p_i in the effective rank (reference)
-# Seeding distances below this fraction of |x|^2 + |c|^2 count as 0 (the point sits on a chosen
-# centroid): the matrix form leaves ~sqrt(D) * eps32 there, enough weight to pick a duplicate of
-# a centroid on well-separated data. Points within ~0.5% of a centroid's norm lose their
-# (already ~0.5%) weight, a negligible change to the seeding distribution.
-_SEED_ZERO = 1e-5
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -124,7 +123,10 @@ class DSEResult:
 
 @dataclass(frozen=True)
 class _Rules:
-    """Where the official metric (estimator.py) and regularizer (DSE_regularizer.py) differ."""
+    """Where the official metric (estimator.py) and regularizer (DSE_regularizer.py) differ.
+
+    The first two fields are what ``kmeans.lloyd`` reads (``kmeans.LloydRules``).
+    """
 
     reseed_empty: bool  # empty cluster: re-initialise at a random token (reg.) / keep (metric)
     reassign: bool  # labels from the final centroids (reg.) / from the last assignment (metric)
@@ -139,71 +141,7 @@ _METRIC = _Rules(False, False, False, 0.0, False, 1.0, True)
 _REGULARIZER = _Rules(True, True, True, 1e-12, True, None, False)
 
 
-# ----------------------------------------------------------------------------- estimators
-
-
-def _singular_values(x: Tensor, member: Tensor | None = None, centre: bool = False) -> Tensor:
-    """Singular values of the member rows of x, column-centred over them if ``centre``.
-
-    x: (..., m, d), member: (..., m) bool (default all rows) -> (..., min(m, d)), unordered;
-    rows outside ``member`` only add zero singular values.
-
-    With autograd on: ``torch.linalg.svdvals`` of the masked, centred rows (differentiable,
-    as the reference). Without: eigenvalues of the smaller Gram matrix, in float64, masked
-    and centred on the Gram side so the (..., m, d) data is read only once. This is ~4x
-    faster than svdvals here, and float64 keeps the error of a zero singular value near
-    sqrt(eps64) * sigma_max ~ 1e-8 * sigma_max, below that of the reference's float32 svdvals.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        if member is not None:
-            x = x * member[..., None]
-        if centre:
-            n = x.shape[-2] if member is None else member.sum(-1)[..., None, None]
-            x = x - x.sum(-2, keepdim=True) / n
-            if member is not None:
-                x = x * member[..., None]
-        return torch.linalg.svdvals(x)
-    x = x.double()
-    w = None if member is None else member.double()
-    n = x.shape[-2] if w is None else w.sum(-1)[..., None, None]
-    if x.shape[-2] <= x.shape[-1]:
-        gram = x @ x.mT
-        ones = torch.ones_like(x[..., 0]) if w is None else w
-        outer = ones[..., :, None] * ones[..., None, :]
-        if w is not None:
-            gram = gram * outer
-        if centre:  # J G J with J = I - w w^T / n
-            r = gram.sum(-1, keepdim=True) / n  # (..., m, 1): row i . member mean
-            mean_sq = r.sum(-2, keepdim=True) / n  # |member mean|^2
-            gram = gram - r * ones[..., None, :] - ones[..., :, None] * r.mT + mean_sq * outer
-    else:
-        if w is not None:
-            x = x * w[..., None]
-        gram = x.mT @ x
-        if centre:
-            mean = x.sum(-2, keepdim=True) / n
-            gram = gram - n * mean.mT @ mean
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-
-
-def _er(x: Tensor, *, sum_eps: float = 0.0, normalise: bool = True) -> Tensor:
-    """exp(entropy of sigma / sum(sigma)) [/ min(n, d)]. x: (..., n, d) uncentred -> (...)."""
-    sigma = _singular_values(x)
-    total = (sigma.sum(-1, keepdim=True) + sum_eps).clamp_min(torch.finfo(sigma.dtype).tiny)
-    p = sigma / total + _P_EPS  # no renormalising (reference); an all-zero x gives 1 / min(n, d)
-    rank = torch.exp(-(p * p.log()).sum(-1))
-    return rank / min(x.shape[-2:]) if normalise else rank
-
-
-def effective_rank(x: Tensor) -> Tensor:
-    """Normalised effective rank of the uncentred rows, in (0, 1]. x: (..., n, d) -> (...)."""
-    return _er(x)
-
-
-def centered_singular_sum(x: Tensor) -> Tensor:
-    """Nuclear norm of the column-centred x over sqrt(max(n - 1, d)). x: (..., n, d) -> (...)."""
-    n, d = x.shape[-2:]
-    return _singular_values(x, centre=True).sum(-1) / math.sqrt(max(n - 1, d))
+# ----------------------------------------------------------------------------- terms
 
 
 def _cluster_css(
@@ -228,7 +166,7 @@ def _cluster_css(
         for sel in (padded == m).nonzero().squeeze(1).split(max(1, _CHUNK_BYTES // (m * D * 8))):
             pos = (starts[prob[sel], clus[sel], None] + rows).clamp_max(M - 1)
             pts = x[prob[sel, None], order[prob[sel, None], pos]]  # (C, m, D), rows >= size are padding
-            sigma_sum = _singular_values(pts, rows < size[sel, None], centre=True).sum(-1).to(work)
+            sigma_sum = singular_values(pts, rows < size[sel, None], centre=True).sum(-1).to(work)
             n = size[sel].to(work)
             # code: / sqrt(max(n - 1, D)); paper (secondary summaries): / (n - 1)
             denom = (n - 1).clamp_min(D).sqrt() if variant == "code" else n - 1
@@ -237,101 +175,9 @@ def _cluster_css(
     return css, valid
 
 
-# ----------------------------------------------------------------------------- k-means
-
-
-def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
-    """Squared distances. x: (P, M, D), c: (P, k, D) -> (P, M, k).
-
-    Matrix-product form; callers pass batch-centred data, so the cancellation that breaks
-    float32 cdist near collapse (all tokens nearly equal) does not occur.
-    """
-    x_sq = torch.linalg.vector_norm(x, dim=-1).square()
-    return (x_sq[..., None] - 2 * x @ c.mT + c.square().sum(-1)[:, None, :]).clamp_min(0)
-
-
-def _seed(x: Tensor, k: int, seeding: Seeding, generator: torch.Generator) -> Tensor:
-    """k-means++ seeding per problem. x: (P, M, D) -> initial centroids (P, k, D).
-
-    First centroid uniform, each next one drawn with weight D (reference) or D^2 (standard),
-    D = distance to the nearest chosen centroid. Distances to a new centroid are one
-    matrix-vector product per problem (a batched matmul of this shape is ~2x slower on CPU).
-    """
-    P, M, _ = x.shape
-    batch = torch.arange(P, device=x.device)
-    x_sq = x.square().sum(-1)  # (P, M)
-
-    def sq_dist(c: Tensor) -> Tensor:  # (P, D) -> (P, M)
-        dots = torch.stack([torch.mv(a, b) for a, b in zip(x, c)])
-        total = x_sq + c.square().sum(-1, keepdim=True)
-        d2 = total - 2 * dots
-        return torch.where(d2 > _SEED_ZERO * total, d2, torch.zeros_like(d2))
-
-    first = torch.randint(M, (P,), generator=generator, device=x.device)
-    chosen = [x[batch, first]]
-    min_d2 = sq_dist(chosen[0])
-    for _ in range(k - 1):
-        weight = min_d2 if seeding == "d2" else min_d2.sqrt()
-        # All points on the chosen centroids: draw uniformly (as DSE_regularizer.py).
-        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
-        pick = torch.multinomial(weight, 1, generator=generator).squeeze(1)
-        chosen.append(x[batch, pick])
-        min_d2 = torch.minimum(min_d2, sq_dist(chosen[-1]))
-    return torch.stack(chosen, 1)
-
-
-def _lloyd(
-    x: Tensor, centroids: Tensor, *, iters: int, tol: float, rules: _Rules, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Lloyd steps per problem. x: (P, M, D), centroids: (P, k, D) -> ((P, k, D), labels (P, M)).
-
-    A problem stops once its centroid shift (Frobenius) falls below ``tol``; later steps no
-    longer update it, so each one follows exactly the path of the reference's loop. Labels
-    are those of the last assignment, made before the last update (metric), or of a final
-    assignment to the returned centroids (``rules.reassign``).
-    """
-    P, M, D = x.shape
-    k = centroids.shape[1]
-    centroids = centroids.clone()
-    labels = torch.zeros(P, M, dtype=torch.long, device=x.device)
-    # Working set: problems whose data sit in xs; it is compacted once half of them stopped
-    # (gathering costs about one step, so doing it every step would not pay).
-    work, xs = torch.arange(P, device=x.device), x
-    moving = torch.ones(P, dtype=torch.bool, device=x.device)
-    for _ in range(iters):
-        n = len(work)
-        old = centroids[work]
-        # |x|^2 is constant per point, so it is left out of the assignment.
-        assign = torch.baddbmm(old.square().sum(-1)[:, None, :], xs, old.mT, alpha=-2).argmin(-1)
-        # Cluster sums by index_add: O(M D) instead of the O(M k D) of a one-hot product.
-        flat = (assign + k * torch.arange(n, device=x.device)[:, None]).flatten()
-        sums = xs.new_zeros(n * k, D).index_add_(0, flat, xs.reshape(n * M, D)).view(n, k, D)
-        counts = torch.bincount(flat, minlength=n * k).view(n, k, 1)
-        if rules.reseed_empty:
-            draw = torch.randint(M, (n, k), generator=generator, device=x.device)
-            fallback = xs[torch.arange(n, device=x.device)[:, None], draw]
-        else:
-            fallback = old
-        updated = torch.where(counts > 0, sums / counts.clamp_min(1), fallback)
-        labels[work[moving]] = assign[moving]
-        centroids[work[moving]] = updated[moving]
-        moving &= (updated - old).flatten(1).norm(dim=1) >= tol
-        left = int(moving.sum())
-        if not left:
-            break
-        if left <= n // 2:
-            work, xs, moving = work[moving], xs[moving], moving[moving]
-    if rules.reassign:
-        labels = _sq_dist(x, centroids).argmin(-1)
-    return centroids, labels
-
-
-# ----------------------------------------------------------------------------- terms
-
-
 def _inter(x: Tensor, centroids: Tensor, labels: Tensor, variant: Variant) -> Tensor:
     """Per-problem distance to the nearest other centroid. x: (P, M, D) -> (P,)."""
-    d2 = _sq_dist(x, centroids)
+    d2 = sq_dist(x, centroids)
     own = F.one_hot(labels, centroids.shape[1]).bool()
     nearest_other = d2.masked_fill(own, math.inf).amin(-1)  # (P, M)
     if variant == "code":
@@ -378,8 +224,8 @@ def _clusters(
     def run(item: tuple[Tensor, torch.Generator]) -> tuple[Tensor | None, Tensor, Tensor]:
         chunk, gen = item
         with torch.no_grad():
-            centroids = _seed(chunk, k, seeding, gen)
-            centroids, labels = _lloyd(chunk, centroids, iters=iters, tol=tol, rules=rules, generator=gen)
+            centroids = kmeanspp_seed(chunk, k, seeding, gen)
+            centroids, labels = lloyd(chunk, centroids, iters=iters, tol=tol, rules=rules, generator=gen)
         # in the k-means dtype: distances between batch-centred tokens and centroids of size ~s carry
         # a relative error ~eps, so float64 (a 2x slower GEMM) would add nothing
         inter = _inter(chunk, centroids, labels, variant).to(work) if with_inter else None
@@ -516,13 +362,13 @@ def _terms_full_precision(
 
     normalise_er = variant == "code"  # paper: Erank not divided by min(n, d)
     if rules.all_token_dim:
-        dim = _er((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
+        dim = erank((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
     else:
         # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
         perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : rank_draws or N]
         rows = torch.arange(B, device=y.device)
         ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
-            lambda draws: _er(y[rows, draws].to(work) + mean, normalise=normalise_er),
+            lambda draws: erank(y[rows, draws].to(work) + mean, normalise=normalise_er),
             perm.mT.split(max(1, _CHUNK_BYTES // (B * D * 8))),
             y.device,
         )
