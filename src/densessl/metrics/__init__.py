@@ -5,9 +5,8 @@ from densessl.metrics.dse import (
     dse,
     dse_over_batches,
     dse_regularizer,
-    lambda_normalized_dse,
 )
-from densessl.metrics.selection import select_checkpoints
+from densessl.metrics.selection import lambda_normalized_dse, select_checkpoints
 from densessl.metrics.spectra import centered_singular_sum, effective_rank
 
 __all__ = [
