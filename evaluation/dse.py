@@ -12,11 +12,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from densessl.cli import exit_on_user_error
 from densessl.data.datamodule import prepare_root
 from densessl.evaluation.dse_cli import TERMS, format_candidates, run_checkpoints, write_curve
 from densessl.evaluation.protocols import evaluate_dse, load_backbone, write_results
 from densessl.evaluation.runtime import progress_bar, resolve_device
-from densessl.training import exit_on_user_error
 
 logger = logging.getLogger("densessl.evaluation.dse")
 

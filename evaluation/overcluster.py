@@ -10,8 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from densessl.cli import exit_on_user_error
 from densessl.evaluation.cli import run_evaluation
-from densessl.training import exit_on_user_error
 
 
 @hydra.main(config_path="../configs", config_name="evaluate_overcluster", version_base="1.3")

@@ -11,7 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from densessl.training import exit_on_user_error, format_summary, save_config, train
+from densessl.cli import exit_on_user_error
+from densessl.training import format_summary, save_config, train
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

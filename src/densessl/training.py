@@ -5,11 +5,8 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,36 +264,3 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Entry-point decorator: errors caused by input (missing data, bad weights, bad options, a
-    non-finite loss) print their message, which names the fix, and exit with status 2 instead of a
-    traceback. ``DENSESSL_DEBUG=1`` re-raises them with the traceback."""
-    from densessl.methods.base import NonFiniteLossError
-    from densessl.models import WeightsError
-
-    user_errors = (FileNotFoundError, WeightsError, NonFiniteLossError, ValueError)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            cause: BaseException | None = err  # Hydra wraps errors raised inside instantiate()
-            while cause is not None and not isinstance(cause, user_errors):
-                cause = cause.__cause__
-            if cause is None or os.environ.get("DENSESSL_DEBUG"):
-                raise
-            print(f"\nerror: {_message(cause)}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _message(err: BaseException) -> str:
-    """The error's own message: one re-raised from a DataLoader worker carries the worker's traceback
-    ("Caught X in DataLoader worker process N. Original Traceback ..."), whose last entry is the message."""
-    text = str(err)
-    marker = f"{type(err).__name__}: "
-    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
-        return text[text.rfind(marker) + len(marker):].strip()
-    return text
