@@ -70,7 +70,7 @@ def test_training_logs_to_csv_and_offline_neptune(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ops = _neptune_ops(tmp_path)  # offline runs land in ./.neptune of the working directory
-    assert any(o["path"][:2] == ["parameters", "method"] for o in ops)  # the resolved config
+    assert any(o["path"][:2] == ["parameters", "method.name"] for o in ops)  # the resolved config, dotted keys
     assert any(o["path"] == ["train", "loss"] for o in ops)
 
 

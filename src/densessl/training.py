@@ -147,11 +147,23 @@ def check_eval_sizes(cfg: DictConfig, backbone: Any) -> None:
         backbone.check_input_size(size, key)
 
 
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys (``method.optim.lr``), as every logger shows them alike;
+    lists and scalars are values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns a summary dict (paths, before/after figures)."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from densessl.callbacks import AtomicCheckpointIO, DenseEvalCallback
+    from densessl.callbacks import AtomicCheckpointIO, DenseEvalCallback, ProgressBar
     from densessl.callbacks.preemption import ignore_stop_signals
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
@@ -171,13 +183,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if trainer_options.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())  # Lightning's, without v_num
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # requeueing is PreemptionCheckpoint's, at a step boundary (see there)
         plugins.append(SLURMEnvironment(auto_requeue=False))
     # The datamodule's sampler shards the data across ranks itself and is resumable mid-epoch.
     trainer = L.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
                         plugins=plugins, use_distributed_sampler=False)
-    hparams = OmegaConf.to_container(cfg, resolve=True)
+    # The whole config, once, with dotted keys (the method's own arguments are part of it and are not
+    # logged again: SSLMethod.save_hyperparameters(logger=False)).
+    hparams = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
@@ -192,6 +208,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Lightning warns on a mid-epoch resume unless the DataLoader itself is stateful; here the
     # datamodule's checkpointed state restores the loader's position.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # A false positive: Lightning names the hook it runs whenever a LightningModule overrides it and a
+    # LightningDataModule is passed, even when the datamodule does not override it (no ambiguity). The
+    # methods' on_after_batch_transfer (colour augmentation on the device) is the one meant to run.
+    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` "
+                                              "but have passed in a `LightningDataModule`")
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     summary["train_seconds"] = time.perf_counter() - start

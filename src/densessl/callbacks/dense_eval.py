@@ -1,6 +1,7 @@
 """Run a dense evaluator on the eval backbone every N epochs, log its figures and its pictures."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from densessl.distributed import is_distributed
+from densessl.callbacks.publish import publish_figures
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_split(config: Any, split: str) -> Any:
@@ -25,8 +28,9 @@ class DenseEvalCallback(L.Callback):
     """Calls ``evaluator(pl_module.eval_backbone, dataset, **options)`` (or, with ``train_dataset``,
     ``evaluator(pl_module.eval_backbone, train_dataset, dataset, **options)``, e.g. the linear probe and
     Hummingbird retrieval) on rank 0 every ``every_n_epochs`` epochs and after the last one, logs
-    ``result.as_dict()`` under ``prefix`` to every active logger, and prints the cost so users can budget
-    it. Other ranks wait at a barrier.
+    ``result.as_dict()`` under ``prefix`` to every active logger and to ``trainer.callback_metrics``
+    (``ModelCheckpoint(monitor="<prefix>/<figure>")`` can keep the best checkpoints), and logs the cost so
+    users can budget it. Other ranks wait for rank 0's figures (a broadcast), so all ranks log the same.
 
     Pictures: when the result kept some (evaluator option ``num_vis`` > 0), its panel (image | ground
     truth | predictions, ``densessl.evaluation.pictures.result_panels``) is saved as
@@ -61,20 +65,20 @@ class DenseEvalCallback(L.Callback):
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs and not self._is_last_epoch(trainer, epoch):
             return
+        metrics = None
         if trainer.is_global_zero:
             start = time.perf_counter()
             self.last = self.evaluate(pl_module.eval_backbone)
             cost = time.perf_counter() - start
             metrics = {f"{self.prefix}/{k}": float(v) for k, v in self.last.as_dict().items()}
             metrics[f"{self.prefix}/eval_seconds"] = cost
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        metrics = trainer.strategy.broadcast(metrics, src=0)  # also the other ranks' wait for rank 0
+        publish_figures(trainer, pl_module, metrics)
+        if trainer.is_global_zero:
             picture = self._save_picture(trainer, epoch)
             name = getattr(self.evaluator, "__name__", "evaluator")
-            print(f"[{name}] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                  + f" ({cost:.1f} s)" + (f", picture {picture}" if picture else ""), flush=True)
-        if is_distributed():
-            torch.distributed.barrier()
+            log.info(f"[{name}] epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                     + f" ({cost:.1f} s)" + (f", picture {picture}" if picture else ""))
 
     def _save_picture(self, trainer: L.Trainer, epoch: int) -> Path | None:
         from densessl.evaluation.pictures import log_picture, result_panels

@@ -1,25 +1,28 @@
 """DSE of the eval backbone on a fixed held-out sample during training (no labels needed)."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import lightning as L
 import torch
 
+from densessl.callbacks.publish import publish_figures
+
+log = logging.getLogger(__name__)
+
 
 class DSEMonitor(L.Callback):
     """Every ``every_n_epochs`` epochs (or ``every_n_steps`` steps), compute DSE and its terms on the
     same ``num_images`` images of ``dataset`` and log them as ``dse/value``, ``dse/inter``, ... to every
     logger, one row at ``trainer.global_step`` per evaluation. The values also go to the trainer's
-    ``callback_metrics`` (``pl_module.log(..., logger=False)``), so
+    ``callback_metrics`` (:func:`~densessl.callbacks.publish.publish_figures`), so
     ``ModelCheckpoint(monitor="dse/value", mode="max", save_top_k=k)`` keeps the top-k checkpoints by DSE.
 
     Under DDP the DSE is computed once, on rank 0, and broadcast: every rank holds the same figures, so
-    ModelCheckpoint decides the same on every rank and the logs have one value per evaluation. They are
-    logged with ``sync_dist=True, reduce_fx="max"``: a no-op on equal values (max, unlike a mean, returns
-    them bitwise) that keeps Lightning's epoch-level ``sync_dist`` warning away. Only ``dse/seconds``
-    differs between ranks (rank 0's cost vs. the others' wait); its max is rank 0's.
+    ModelCheckpoint decides the same on every rank and the logs have one value per evaluation. Only
+    ``dse/seconds`` differs between ranks (rank 0's cost vs. the others' wait); the logged max is rank 0's.
     """
 
     def __init__(self, dataset: Any, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
@@ -41,14 +44,11 @@ class DSEMonitor(L.Callback):
         cost = time.perf_counter() - start
         values["dse/seconds"] = cost
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
-        for k, v in values.items():  # callback_metrics (ModelCheckpoint's monitor), the same on every rank
-            pl_module.log(k, v, logger=False, sync_dist=True, reduce_fx="max")
-        for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
-            logger.log_metrics(values, step=trainer.global_step)
+        publish_figures(trainer, pl_module, values)
         if trainer.is_global_zero:
-            print(f"[DSE] step {trainer.global_step}: value={values['dse/value']:.4f} inter={values['dse/inter']:.4f} "
+            log.info(f"[DSE] step {trainer.global_step}: value={values['dse/value']:.4f} inter={values['dse/inter']:.4f} "
                   f"intra_img={values['dse/intra_img']:.4f} intra_batch={values['dse/intra_batch']:.4f} "
-                  f"dim={values['dse/dim']:.4f} ({cost:.1f} s)", flush=True)
+                  f"dim={values['dse/dim']:.4f} ({cost:.1f} s)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

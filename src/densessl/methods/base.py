@@ -150,7 +150,7 @@ class SSLMethod(L.LightningModule):
                  eval_on: str = "teacher", student_drop_path: float | None = None,
                  crops: dict[str, Any] | None = None, compile: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; train() logs the whole config once
         # Parsed first: a misspelt key fails before any network is built.
         self.optim_cfg: OptimOptions = parse_options(OptimOptions, dict(optim), "method.optim")
         self.teacher_cfg = None if teacher is None else parse_options(TeacherOptions, dict(teacher), "method.teacher")
