@@ -283,5 +283,3 @@ def format_summary(summary: dict[str, Any]) -> str:
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-

@@ -136,32 +136,33 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, aspect: float) -> np.nda
 def _texture(cls: int, x: np.ndarray, y: np.ndarray, unit: float, rng: np.random.Generator) -> np.ndarray:
     """Binary class texture at pixel offsets (x, y) from the object centre (image axes).
 
-    Periods are class values in px at 224 px times ``unit`` (= size / 224), jittered per instance
-    (+-15 %), as is the orientation (+-10 deg).
+    Periods are the class values below times 2 (version 2 doubled version 1's, so that 96 px training
+    crops keep them) times ``unit`` (= size / 224), jittered per instance (+-15 %), as is the
+    orientation (+-10 deg).
     """
-    jitter = 2.0 * unit * rng.uniform(0.85, 1.15)
+    scale = 2.0 * unit * rng.uniform(0.85, 1.15)
     angle = np.deg2rad(rng.uniform(-10.0, 10.0))
     phase = rng.uniform(0.0, 1.0, size=2)
     xr = x * np.cos(angle) + y * np.sin(angle)
     yr = -x * np.sin(angle) + y * np.cos(angle)
     if cls == 1:  # dots
-        p = 10.0 * jitter
+        p = 10.0 * scale
         fx, fy = (xr / p + phase[0]) % 1.0 - 0.5, (yr / p + phase[1]) % 1.0 - 0.5
         return fx**2 + fy**2 <= 0.3**2
     if cls == 2:  # checkerboard
-        p = 6.0 * jitter
+        p = 6.0 * scale
         return (np.floor(xr / p + phase[0]) + np.floor(yr / p + phase[1])) % 2 == 0
     if cls == 3:  # 45-degree stripes
-        p = 9.0 * jitter
+        p = 9.0 * scale
         return ((xr + yr) / np.sqrt(2.0) / p + phase[0]) % 1.0 < 0.5
     if cls == 4:  # concentric rings (centred on the object, no phase)
-        p = 7.0 * jitter
+        p = 7.0 * scale
         return (np.hypot(x, y) / p) % 1.0 < 0.5
     if cls == 5:  # horizontal stripes
-        p = 6.0 * jitter
+        p = 6.0 * scale
         return (yr / p + phase[0]) % 1.0 < 0.5
     if cls == 6:  # grid of thin lines
-        p = 10.0 * jitter
+        p = 10.0 * scale
         return ((xr / p + phase[0]) % 1.0 < 0.3) | ((yr / p + phase[1]) % 1.0 < 0.3)
     raise ValueError(f"unknown object class {cls}")
 
