@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.forked_runs import launch
+from helpers.forked_runs import launch_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ["data.synthetic.n_train=12", "data.synthetic.n_val=6", "data.synthetic.size=64",
@@ -119,24 +119,7 @@ CASES: dict[str, tuple] = {
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory) -> dict[str, tuple[Path, list[tuple[int, str]]]]:
     """(folder, [(exit code, stdout + stderr) of each run]) of every case."""
-    tmp = tmp_path_factory.mktemp("cli")
-    specs, counts = [], []
-    for name, (prepare, plan) in CASES.items():
-        d = tmp / name
-        d.mkdir()
-        if prepare is not None:
-            prepare(d)
-        runs = plan(d)
-        for i, run in enumerate(runs):
-            run["env"] = {"DENSESSL_CACHE": str(d / "cache"), "HYDRA_FULL_ERROR": "1", **run.get("env", {})}
-            specs.append({"cwd": str(ROOT), **run, "log": str(d / f"run{i}.log")})
-        counts.append(len(runs))
-    outs = launch(specs, tmp / "runs.json", {**os.environ, "OMP_NUM_THREADS": "1"})
-    result, i = {}, 0
-    for name, n in zip(CASES, counts):
-        result[name] = (tmp / name, outs[i: i + n])
-        i += n
-    return result
+    return launch_cases(CASES, tmp_path_factory.mktemp("cli"))
 
 
 def _ok(result: tuple[Path, list[tuple[int, str]]], i: int = 0) -> str:

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from densessl.data import ensure_synthetic_voc
-from helpers.forked_runs import launch
-from test_cli import ROOT, TINY_DATA, TINY_RUN, eval_args
+from helpers.forked_runs import launch_cases
+from test_cli import TINY_DATA, TINY_RUN, eval_args
 
 QUICK = ["+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1", "eval_before_after=false"]
 LINEAR = ["eval.options.image_size=64", "eval.options.epochs=1", "eval.options.batch_size=4"]
@@ -100,19 +100,7 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, Callable[[Path], dict]]] =
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
     """(exit code, stdout + stderr, folder) of every case, run in order from one process."""
-    tmp = tmp_path_factory.mktemp("cli")
-    specs, folders = [], []
-    for name, (prepare, spec) in CASES.items():
-        d = tmp / name
-        d.mkdir()
-        if prepare is not None:
-            prepare(d)
-        run = spec(d)
-        run["env"] = {"DENSESSL_CACHE": str(d / "cache"), "HYDRA_FULL_ERROR": "1", **run.get("env", {})}
-        specs.append({"cwd": str(ROOT), **run, "log": str(d / "out.log")})
-        folders.append(d)
-    outs = launch(specs, tmp / "runs.json", {**os.environ, "OMP_NUM_THREADS": "1"})
-    return {name: (code, out, d) for name, (code, out), d in zip(CASES, outs, folders)}
+    return {name: (*runs[0], d) for name, (d, runs) in launch_cases(CASES, tmp_path_factory.mktemp("cli")).items()}
 
 
 def assert_user_error(result: tuple[int, str, Path], *fragments: str) -> str:

@@ -32,6 +32,30 @@ def launch(specs: list[dict], spec_file: Path, env: dict[str, str], timeout: flo
     return [(code, Path(s["log"]).read_text()) for code, s in zip(codes, specs)]
 
 
+def launch_cases(cases: dict, tmp: Path) -> dict[str, tuple[Path, list[tuple[int, str]]]]:
+    """``cases``: name -> (prepare(folder) or None, plan(folder) -> one spec or a list of specs). Each case
+    gets its own folder under ``tmp`` and synthetic-data cache; all runs go through one :func:`launch`
+    from the repository root with one thread. Returns name -> (folder, [(exit code, log text) per run])."""
+    specs, counts = [], []
+    for name, (prepare, plan) in cases.items():
+        d = tmp / name
+        d.mkdir()
+        if prepare is not None:
+            prepare(d)
+        runs = plan(d)
+        runs = [runs] if isinstance(runs, dict) else runs
+        for i, run in enumerate(runs):
+            run["env"] = {"DENSESSL_CACHE": str(d / "cache"), "HYDRA_FULL_ERROR": "1", **run.get("env", {})}
+            specs.append({"cwd": str(TRAIN.parents[1]), **run, "log": str(d / f"run{i}.log")})
+        counts.append(len(runs))
+    outs = launch(specs, tmp / "runs.json", {**os.environ, "OMP_NUM_THREADS": "1"})
+    result, i = {}, 0
+    for name, n in zip(cases, counts):
+        result[name] = (tmp / name, outs[i: i + n])
+        i += n
+    return result
+
+
 def run(spec: dict) -> None:
     os.setpgrp()
     log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
