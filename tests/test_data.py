@@ -520,6 +520,22 @@ def test_foreign_folder_with_matching_params_json_is_still_refused(tmp_path):
     assert _tree_hash(user) == before
 
 
+def test_generated_folder_holding_a_users_files_is_not_regenerated(tmp_path):
+    """The marker licenses replacing the generator's own files, not files a user added later."""
+    root = tmp_path / "scenes"
+    make_synthetic_voc(root, **SMALL)
+    (root / "runs").mkdir()
+    (root / "runs" / "my_run.ckpt").write_bytes(b"weights")
+    (root / "JPEGImages" / "holiday.jpg").write_bytes(b"photo")
+    before = _tree_hash(root)
+    with pytest.raises(synthetic.ForeignFolderError, match=r"JPEGImages/holiday\.jpg.*runs/my_run\.ckpt"):
+        ensure_synthetic_voc(root, **{**SMALL, "n_val": 3})
+    assert _tree_hash(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes"]  # no temp folder left behind
+    # The same parameters are reused as they are: nothing to replace, so nothing to refuse.
+    assert ensure_synthetic_voc(root, **SMALL) == root and _tree_hash(root) == before
+
+
 def test_generated_and_empty_folders_are_writable(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -374,15 +375,44 @@ def _is_generated(root: Path) -> bool:
             and readme.is_file() and readme.read_text().startswith("Synthetic VOC-layout scenes (densessl"))
 
 
+# Every path the generator writes, relative to root: anything else in a marked folder is the user's.
+_OWN_FILES = re.compile(
+    r"(JPEGImages/synth_\d+\.jpg|Segmentation(Class|Object)/synth_\d+\.png|ImageSets/Segmentation/(train|val)\.txt"
+    r"|classes\.txt|README\.txt|params\.json|" + re.escape(MARKER) + r")")
+
+
+def _foreign_files(root: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` files under ``root`` that the generator did not write (symlinks count as foreign)."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() or not _OWN_FILES.fullmatch(rel):
+            found.append(rel)
+            if len(found) == limit:
+                break
+    return found
+
+
 def _check_writable(root: Path) -> None:
-    """Refuse to replace a non-empty folder that densessl did not generate: it is the user's data."""
+    """Refuse to replace a non-empty folder that densessl did not generate, or a generated one that
+    has since received files of the user's: those are the user's data."""
     if not root.exists():
         return
     if not root.is_dir():
         raise ForeignFolderError(f"data.root={root} is a file, not a folder; the synthetic scenes need a folder "
                                  f"of their own (leave data.root at its default or name a new folder).")
-    if _is_generated(root) or not any(root.iterdir()):
+    if not any(root.iterdir()):
         return
+    if _is_generated(root):
+        foreign = _foreign_files(root)
+        if not foreign:
+            return
+        raise ForeignFolderError(
+            f"data.root={root} holds generated synthetic scenes that must be regenerated (other parameters), but "
+            f"also files densessl did not write ({', '.join(foreign)}). Nothing was changed. Move those files out, "
+            f"or point data.root at a new folder.")
     hint = next((opt for parts, opt in _LAYOUT_HINTS if all((root / p).exists() for p in parts)), None)
     looks = (f" It looks like a dataset read by {hint}: add {hint} to use it." if hint
              else " To train on your own images use data=imagefolder; see data/README.md for the dataset configs.")
