@@ -49,7 +49,7 @@ def linear_logits(head: nn.Conv2d, tokens: Tensor, size: tuple[int, int]) -> Ten
     conv first and upsample the C-channel logits: a 1x1 conv and bilinear interpolation are both
     linear and the interpolation weights of every output pixel sum to 1 (so the bias commutes too),
     hence the two orders give the same logits, at C/D of the cost (21 vs 384 channels at 100 x 100:
-    4.1 vs 22.8 s/epoch on cached features). tests/test_linear.py checks the equivalence.
+    4.1 vs 22.8 s/epoch on cached features). tests/evaluation/test_linear.py checks the equivalence.
     """
     logits = head(tokens)
     if tuple(logits.shape[-2:]) == tuple(size):

@@ -16,7 +16,7 @@ from densessl.transforms import ColorAugment
 from densessl.transforms.sampling import (UDIMultiCrop, cell_centres, gather_tokens, project_points, random_hflip,
                                           sample_tokens, shift_towards, stratified_cells)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_udi(**kwargs):

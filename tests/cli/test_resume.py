@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers.forked_runs import launch
-from test_cli import ROOT, TINY_DATA
+from helpers.tiny_runs import ROOT, TINY_DATA
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 RUN = [*TINY_DATA, "data.max_images=6", "trainer.max_epochs=2", "logger=[csv]", "trainer.enable_progress_bar=false",
        "+experiment=quickstart", "++backbone.model_kwargs.depth=1", "eval_before_after=false", "method.queue_size=16",
        "backbone.img_size=32", "method.crops.global_size=32", "method.crops.local_size=16", "method.roi_size=2",

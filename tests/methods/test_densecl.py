@@ -20,7 +20,7 @@ from densessl.methods.densecl import DenseCLNeck, TwoViews, collate_views, shuff
 from densessl.models import ema_update
 from densessl.models.queue import FeatureQueue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_RESNET = dict(name="resnet50", model_kwargs=dict(layers=[1, 1, 1, 1]))  # R50 stem/C5 width, 1 block a stage
 TINY_VIT = dict(name="vit_tiny", model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=8))
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densessl.callbacks import DenseEvalCallback
-from test_cli import TINY_DATA, TINY_RUN, run_train
+from helpers.tiny_runs import TINY_DATA, TINY_RUN, run_train
 
 CELL = 176  # pixels per panel cell (densessl.evaluation.pictures.save_panels)
 

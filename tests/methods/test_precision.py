@@ -1,6 +1,6 @@
 """Mixed precision (trainer.precision=bf16-mixed) on CPU: every objective, the DSE regularizer, the custom
 autograd functions; and SSLMethod overrides keeping the base signatures. bf16-mixed runs of train.py with every
-objective, the DSE regularizer and the evaluators: tests/test_matrix.py.
+objective, the DSE regularizer and the evaluators: tests/cli/test_matrix.py.
 
 Lightning's bf16-mixed runs training_step under ``torch.autocast(device, dtype=torch.bfloat16)`` and backward
 outside it, which is what the in-process tests do. float16 (16-mixed, GPU) is not exercised here: no GPU.
@@ -264,7 +264,7 @@ def test_every_custom_autograd_function_is_covered():
 
 # --------------------------------------------------------------------------- CLI
 # bf16-mixed through experiments/train.py, with the DSE regularizer and every evaluator: the matrix cell
-# densecl-bf16-on-single-all of tests/test_matrix.py (and bf16 with every other objective there).
+# densecl-bf16-on-single-all of tests/cli/test_matrix.py (and bf16 with every other objective there).
 
 
 # --------------------------------------------------------------------------- hook signatures

@@ -7,10 +7,10 @@ dse.regularizer.weight=0.001) x strategy (single process, ddp = trainer=ddp trai
 trainer.devices=2, gloo) x callbacks (default, all = [default,dse,overcluster,linear,retrieval], with
 callbacks.checkpoint.monitor=dse/value). The ddp cells add trainer.strategy=ddp_fork: the same DDPStrategy
 with forked ranks instead of a re-launched script, which would re-import torch (~15 s a run here); the
-re-launch itself is tested by tests/test_ddp.py.
+re-launch itself is tested by tests/cli/test_ddp.py.
 The cells come from helpers/pairwise.py (greedy all-pairs, a 2-process cell costing 2.5 pairs): every
 pair of levels of every two factors is in some cell, except objective x strategy, which
-tests/test_ddp.py covers for every objective (keeping 2-process cells, ~10x slower, to two). Every cell
+tests/cli/test_ddp.py covers for every objective (keeping 2-process cells, ~10x slower, to two). Every cell
 resumes: run 1 stops after epoch 0 (1 step, checkpoint epoch000-step1.ckpt), run 2 resumes the run folder
 (resume=auto) to step 2. Checked per cell: exit 0 both times, finite train/loss, the checkpoints, the
 resumed step count, the options' own outputs (bf16 in Lightning's banner, train/dse_reg, the callbacks'
@@ -46,11 +46,11 @@ import torch
 
 from helpers.forked_runs import launch
 from helpers.pairwise import all_pairs, pairs_of, required_pairs
-from test_cli import TINY_DATA
+from helpers.tiny_runs import TINY_DATA
 
 FACTORS = {"objective": ["neco", "neco_fg", "ibot", "ibot_dc", "udi", "densecl"], "precision": ["32", "bf16"],
            "dse_reg": ["off", "on"], "strategy": ["single", "ddp"], "callbacks": ["default", "all"]}
-SKIP = {frozenset(("objective", "strategy"))}  # tests/test_ddp.py: every objective on 2 processes
+SKIP = {frozenset(("objective", "strategy"))}  # tests/cli/test_ddp.py: every objective on 2 processes
 CELLS = all_pairs(FACTORS, SKIP, cost=lambda cell: 2.5 * (cell["strategy"] == "ddp"))
 
 TINY_VIT = ["backbone.img_size=32", "++backbone.model_kwargs.depth=1", "++backbone.model_kwargs.embed_dim=64",
@@ -187,7 +187,7 @@ def test_design_covers_every_pair():
     assert covered == required
     assert sum(cell["strategy"] == "ddp" for cell in CELLS) == 2
     assert {cell["objective"] for cell in CELLS} == set(FACTORS["objective"])
-    # tests/test_precision.py relies on this cell for DenseCL under bf16-mixed with every evaluator
+    # tests/methods/test_precision.py relies on this cell for DenseCL under bf16-mixed with every evaluator
     assert dict(objective="densecl", precision="bf16", dse_reg="on", strategy="single", callbacks="all") in CELLS
 
 

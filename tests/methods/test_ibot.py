@@ -24,7 +24,7 @@ from densessl.models import Backbone
 from densessl.transforms.decouple import build_decoupled_views, mix_partner_embeddings
 from densessl.transforms.masks import MaskSampler, block_mask, rcc_mask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_VIT = dict(name="vit_tiny", img_size=32, model_kwargs=dict(depth=1, patch_size=8, embed_dim=32, num_heads=2))
 
 

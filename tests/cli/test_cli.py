@@ -1,47 +1,15 @@
 """End-to-end runs of experiments/train.py and evaluation/*.py on tiny settings (CPU, synthetic data).
 
 The runs of this module are prepared per case (``CASES``) and forked from one process by the module
-fixture ``cli`` (helpers/forked_runs.py: real runs of the scripts, one torch import for all of them).
-run_train / run_eval (a subprocess each) serve other modules."""
+fixture ``cli`` (helpers/forked_runs.py: real runs of the scripts, one torch import for all of them)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.forked_runs import launch_cases
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = ["data.synthetic.n_train=12", "data.synthetic.n_val=6", "data.synthetic.size=64",
-             "data.num_workers=0", "data.batch_size=2"]
-TINY_RUN = ["trainer.max_epochs=1", "trainer.max_steps=2", "logger=[csv]", "trainer.enable_progress_bar=false"]
-
-
-def run_train(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def eval_args(tmp_path: Path, script: str, *overrides: str) -> list[str]:
-    """Arguments of evaluation/<script>.py on the tiny synthetic set, output in tmp_path/eval_<script>."""
-    return [f"hydra.run.dir={tmp_path / f'eval_{script}'}", "backbone=vit_tiny", "++backbone.model_kwargs.depth=1",
-            "data=synthetic", *TINY_DATA, *overrides]
-
-
-def run_eval(tmp_path: Path, script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "evaluation" / f"{script}.py"), *eval_args(tmp_path, script, *overrides)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script}.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+from helpers.tiny_runs import QUICK_TINY, TINY_DATA, TINY_RUN, eval_args
 
 
 def _users_dataset(root: Path) -> None:
@@ -57,7 +25,6 @@ def _users_files(root: Path) -> dict[str, bytes]:
             str(root / "ImageSets" / "Segmentation" / "val.txt"): b"2007_000032\n"}
 
 
-QUICK_TINY = ["+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1"]
 EVAL_OPTIONS = {
     "overcluster": (["eval.options.ks=[7,9]", "eval.options.seeds=[0,1]", "eval.options.image_size=64",
                      "eval.options.mask_size=64", "eval.options.pca_dim=8", "eval.options.niter=5",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from densessl.data import ensure_synthetic_voc
 from helpers.forked_runs import launch_cases
-from test_cli import TINY_DATA, TINY_RUN, eval_args
+from helpers.tiny_runs import TINY_DATA, TINY_RUN, eval_args
 
 QUICK = ["+experiment=quickstart", *TINY_DATA, *TINY_RUN, "++backbone.model_kwargs.depth=1", "eval_before_after=false"]
 LINEAR = ["eval.options.image_size=64", "eval.options.epochs=1", "eval.options.batch_size=4"]

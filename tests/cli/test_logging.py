@@ -12,7 +12,7 @@ import yaml
 from densessl.callbacks import ProgressBar
 from densessl.training import flatten_config
 from helpers.forked_runs import launch
-from test_cli import QUICK_TINY, ROOT
+from helpers.tiny_runs import QUICK_TINY, ROOT
 
 MONITOR = "val/overcluster/k7_miou_mean"  # <callbacks.overcluster.prefix>/<figure>
 OVERCLUSTER = ["callbacks=[default,overcluster]", "callbacks.overcluster.niter=5", "overcluster.image_size=64",

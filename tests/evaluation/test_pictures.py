@@ -13,7 +13,7 @@ from densessl.evaluation.pictures import prediction_columns, result_panels
 from densessl.evaluation.retrieval import RetrievalResult
 
 CELL = 176  # save_panels: 2.2 inch per cell at 80 dpi
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def images(n: int) -> list[tuple[Image.Image, Image.Image]]:

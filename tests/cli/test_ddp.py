@@ -3,7 +3,7 @@
 Every objective, all runs forked from one process (helpers/forked_runs.py). NeCo runs as users launch
 it (trainer.strategy=ddp: Lightning re-launches train.py for rank 1, with Hydra's run folder); the
 others with trainer.strategy=ddp_fork, the same DDPStrategy and collectives with forked ranks, which
-spares each a ~15 s re-import of torch. tests/test_matrix.py adds DDP with bf16, the DSE regularizer,
+spares each a ~15 s re-import of torch. tests/cli/test_matrix.py adds DDP with bf16, the DSE regularizer,
 the evaluation callbacks and resume."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.forked_runs import launch
-from test_cli import ROOT, TINY_DATA
+from helpers.tiny_runs import ROOT, TINY_DATA
 
 CASES = {
     "neco": ["+experiment=quickstart", "method.queue_size=32", "trainer.strategy=ddp"],

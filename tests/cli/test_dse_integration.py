@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from test_cli import ROOT, TINY_DATA, TINY_RUN, run_train
+from helpers.tiny_runs import ROOT, TINY_DATA, TINY_RUN, run_train
 
 
 def test_regularizer_gradient_reaches_backbone_and_keeps_global_rng():

@@ -61,7 +61,7 @@ def test_training_logs_to_csv_and_offline_neptune(tmp_path):
     import subprocess
     import sys
 
-    from test_cli import ROOT, TINY_DATA, TINY_RUN
+    from helpers.tiny_runs import ROOT, TINY_DATA, TINY_RUN
 
     env = {**os.environ, "DENSESSL_CACHE": str(tmp_path / "cache"), "NEPTUNE_MODE": "offline"}
     cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",

@@ -19,7 +19,7 @@ from densessl.data import (
     coco_stuff_lut,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MASKS = Path("annotations/stuffthingmaps_trainval2017")
 
 # Fine labels (COCO category id - 1) and their coarse labels, by hand from the COCO super-categories
