@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from densessl.cli import exit_on_user_error
 from densessl.data.datamodule import prepare_root
 from densessl.evaluation.dse_cli import TERMS, format_candidates, run_checkpoints, write_curve
-from densessl.evaluation.protocols import evaluate_dse, load_backbone, write_results
+from densessl.evaluation.protocols import evaluate_dse, load_backbone, parse_dse_protocol, write_results
 from densessl.evaluation.runtime import progress_bar, resolve_device
 
 logger = logging.getLogger("densessl.evaluation.dse")
@@ -30,11 +30,12 @@ def main(cfg: DictConfig) -> None:
     dataset = hydra.utils.instantiate(cfg.data[cfg.eval.split])
     options = OmegaConf.to_container(cfg.eval.options, resolve=True)
     progress = bool(options.pop("progress", True))
+    dse_options, sampling = parse_dse_protocol(options, "eval.options")
     logger.info("dse on %s, output %s", device, out_dir)
     run = Path(cfg.weights).expanduser() if cfg.weights else None
     if run is None or not run.is_dir():
         backbone = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True), cfg.weights).to(device)
-        result = evaluate_dse(backbone, dataset, device=device, progress=progress, **options)
+        result = evaluate_dse(backbone, dataset, dse_options, device=device, progress=progress, **sampling)
         write_results(out_dir, "dse", result.as_dict(), "\n".join(f"{k:<12} {v:.4f}" for k, v in result.as_dict().items()))
         return
     backbone_cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").backbone, resolve=True)
@@ -42,7 +43,8 @@ def main(cfg: DictConfig) -> None:
     checkpoints = progress_bar(run_checkpoints(run), enabled=progress, desc="DSE over checkpoints", unit="ckpt")
     for step, ckpt in checkpoints:
         # One bar, over checkpoints: a features bar per checkpoint would flicker in and out.
-        result = evaluate_dse(load_backbone(backbone_cfg, str(ckpt)).to(device), dataset, device=device, **options)
+        result = evaluate_dse(load_backbone(backbone_cfg, str(ckpt)).to(device), dataset, dse_options, device=device,
+                              **sampling)
         rows.append({"step": step, "checkpoint": ckpt.name, **{t: getattr(result, t) for t in TERMS}})
         logger.info("%s: %s", ckpt.name, ", ".join(f"{t}={getattr(result, t):.4f}" for t in TERMS))
     picks = write_curve(rows, out_dir)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from densessl.data.datamodule import SSLDataModule, prepare_root
 from densessl.data.datasets import skipped_files
+from densessl.options import check_keys
 
 log = logging.getLogger("densessl")
 
@@ -121,8 +122,6 @@ def check_trainer(options: dict[str, Any]) -> None:
     import inspect
 
     import torch
-
-    from densessl.methods.base import check_keys
 
     ours = ("self", "logger", "callbacks", "default_root_dir")  # set by train() from other config groups
     valid = [k for k in inspect.signature(L.Trainer.__init__).parameters if k not in ours]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from densessl.metrics import (
+    DSEOptions,
     DSEResult,
     centered_singular_sum,
     dse,
@@ -393,3 +398,46 @@ def test_select_checkpoints_window_and_top():
     assert select_checkpoints(values, top=1) == [1]
     with pytest.raises(ValueError, match="NaN"):
         select_checkpoints([0.1, math.nan])
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_configs_restate_the_option_defaults():
+    """DSEOptions is the home of the DSE defaults (and evaluate_dse of the sampling ones): every config
+    block that lists them states the same values."""
+    from densessl.evaluation.protocols import evaluate_dse
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    defaults = asdict(DSEOptions())
+    sampling = {k: p.default for k, p in inspect.signature(evaluate_dse).parameters.items()
+                if k in ("num_images", "image_size", "batch_size", "dse_batch")}
+    blocks = {"dse.regularizer": OmegaConf.load(root / "train.yaml").dse.regularizer,
+              "callbacks.dse": OmegaConf.load(root / "callbacks" / "dse.yaml").dse,
+              "eval.options": OmegaConf.load(root / "eval" / "dse.yaml").options}
+    for name, block in blocks.items():
+        values = OmegaConf.to_container(block, resolve=False)
+        listed = {k: v for k, v in values.items() if k in defaults}
+        assert listed and listed == {k: defaults[k] for k in listed}, name
+    listed = {k: v for k, v in OmegaConf.load(root / "eval" / "dse.yaml").options.items() if k in sampling}
+    assert listed == sampling
+
+
+def test_misspelt_option_names_itself():
+    with pytest.raises(ValueError, match=r"DSEOptions.global_clusers is not an option \(did you mean "
+                                         r"DSEOptions.global_clusters\?\)"):
+        dse(_gaussian(), global_clusers=6)
+    with pytest.raises(ValueError, match="rank_draws is an option of the DSE metric only"):
+        dse_regularizer(_gaussian(), rank_draws=4)
+    # Config blocks are read at construction, naming the config key.
+    from densessl.callbacks import DSEMonitor
+    from densessl.methods import NeCo
+
+    with pytest.raises(ValueError, match=r"callbacks.dse.global_clusers is not an option \(did you mean "
+                                         r"callbacks.dse.global_clusters\?\)"):
+        DSEMonitor(None, num_images=8, global_clusers=6)
+    with pytest.raises(ValueError, match=r"dse.regularizer.global_clusers is not an option \(did you mean "
+                                         r"dse.regularizer.global_clusters\?\)"):
+        NeCo(backbone=dict(name="vit_tiny", model_kwargs=dict(depth=1, embed_dim=32, num_heads=2, patch_size=8)),
+             optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), queue_size=0,
+             dse_regularizer=dict(weight=0.001, global_clusers=6))

@@ -23,11 +23,17 @@ class DSEMonitor(L.Callback):
     Under DDP the DSE is computed once, on rank 0, and broadcast: every rank holds the same figures, so
     ModelCheckpoint decides the same on every rank and the logs have one value per evaluation. Only
     ``dse/seconds`` differs between ranks (rank 0's cost vs. the others' wait); the logged max is rank 0's.
+
+    ``options``: the fields of :class:`~densessl.metrics.DSEOptions` and evaluate_dse's num_images, image_size,
+    batch_size, dse_batch (``callbacks.dse``), read at construction, so a misspelt key fails at start-up.
     """
 
     def __init__(self, dataset: Any, every_n_epochs: int | None = 1, every_n_steps: int | None = None,
                  **options: Any) -> None:
-        self.dataset, self.options = dataset, options
+        from densessl.evaluation.protocols import parse_dse_protocol
+
+        self.dataset = dataset
+        self.dse_options, self.sampling = parse_dse_protocol(options, "callbacks.dse")
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.history: list[dict[str, float]] = []
 
@@ -38,7 +44,7 @@ class DSEMonitor(L.Callback):
         start = time.perf_counter()
         if trainer.is_global_zero:
             with torch.inference_mode(False):
-                result = evaluate_dse(pl_module.eval_backbone, self.dataset, **self.options)
+                result = evaluate_dse(pl_module.eval_backbone, self.dataset, self.dse_options, **self.sampling)
             values = result.as_dict("dse/")
         values = trainer.strategy.broadcast(values, src=0)
         cost = time.perf_counter() - start

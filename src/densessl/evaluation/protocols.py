@@ -3,6 +3,7 @@ the before/after report call, so every entry point runs the same protocol."""
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
@@ -12,6 +13,8 @@ from densessl.data.datasets import SegTransform
 from densessl.evaluation.datasets import WithTransform
 from densessl.evaluation.features import extract_dense_features
 from densessl.evaluation.overcluster import OverclusterResult, overcluster
+from densessl.metrics import DSEOptions, DSEResult, dse_over_batches
+from densessl.options import check_keys
 
 if TYPE_CHECKING:  # runtime imports are deferred: linear.py imports this module's seg_loader
     from densessl.evaluation.linear import LinearResult
@@ -136,8 +139,8 @@ class _ImagesForDSE(Dataset):
         return self.transform(image.convert("RGB")), torch.zeros(1, 1, dtype=torch.int64)
 
 
-def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
-                 batch_size: int = 64, seed: int = 0, device: Any = None, progress: bool = False) -> Any:
+def dse_features(backbone: Any, dataset: Any, *, num_images: int, image_size: int, batch_size: int, seed: int,
+                 device: Any = None, progress: bool = False) -> Any:
     """Frozen patch tokens (n, N, D) of ``num_images`` images drawn with ``seed`` from ``dataset``
     (images or (image, mask) items), resized (bicubic, shorter side image_size * 8/7) and centre-cropped
     to image_size and ImageNet-normalised, as the DSE reference (Resize 256, CenterCrop 224)."""
@@ -153,13 +156,26 @@ def dse_features(backbone: Any, dataset: Any, *, num_images: int = 2048, image_s
     return tokens.flatten(1, 2)  # (n, h, w, D) -> (n, N, D)
 
 
-def evaluate_dse(backbone: Any, dataset: Any, *, num_images: int = 2048, image_size: int = 224,
-                 batch_size: int = 64, dse_batch: int = 1024, seed: int = 0, device: Any = None,
-                 progress: bool = False, **dse_options: Any) -> Any:
-    """DSE (``densessl.metrics.dse``) of ``backbone`` on a fixed sample of ``dataset``: terms per batch of
-    ``dse_batch`` images, averaged over batches with equal weight (reference get_DSE.py)."""
-    from densessl.metrics import dse_over_batches
-
+def evaluate_dse(backbone: Any, dataset: Any, options: DSEOptions | None = None, *, num_images: int = 2048,
+                 image_size: int = 224, batch_size: int = 64, dse_batch: int = 1024, device: Any = None,
+                 progress: bool = False) -> DSEResult:
+    """DSE (``densessl.metrics.dse``, ``options`` default the README's) of ``backbone`` on a fixed sample of
+    ``dataset`` drawn with ``options.seed``: terms per batch of ``dse_batch`` images, averaged over batches
+    with equal weight (reference get_DSE.py)."""
+    options = options or DSEOptions()
     feats = dse_features(backbone, dataset, num_images=num_images, image_size=image_size, batch_size=batch_size,
-                         seed=seed, device=device, progress=progress)
-    return dse_over_batches(feats.split(dse_batch), seed=seed, **dse_options)
+                         seed=options.seed, device=device, progress=progress)
+    return dse_over_batches(feats.split(dse_batch), options)
+
+
+# The keys of a DSE protocol config block (eval.options, callbacks.dse) that are evaluate_dse's own.
+DSE_SAMPLING_KEYS = ("num_images", "image_size", "batch_size", "dse_batch")
+
+
+def parse_dse_protocol(values: dict[str, Any], prefix: str) -> tuple[DSEOptions, dict[str, Any]]:
+    """A flat config block of the DSE protocol -> (its DSEOptions fields as DSEOptions, its
+    DSE_SAMPLING_KEYS as evaluate_dse keywords); any other key is a ValueError naming ``<prefix>.<key>``."""
+    names = [f.name for f in fields(DSEOptions)]
+    check_keys(values, [*DSE_SAMPLING_KEYS, *names], prefix)
+    sampling = {k: v for k, v in values.items() if k in DSE_SAMPLING_KEYS}
+    return DSEOptions(**{k: v for k, v in values.items() if k in names}), sampling

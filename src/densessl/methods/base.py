@@ -8,17 +8,18 @@ tokens (B, N, D), enables the DSE regularizer). Optionally it overrides ``moment
 """
 from __future__ import annotations
 
-import difflib
 import inspect
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from densessl.metrics import DSEOptions, dse_regularizer
 from densessl.models import Backbone, cosine_momentum, ema_update, make_teacher
+from densessl.options import parse_options
 from densessl.schedules import cosine_schedule
 from densessl.transforms import ColorAugment, MultiCropWithBoxes, collate_multicrop
 
@@ -26,27 +27,6 @@ from densessl.transforms import ColorAugment, MultiCropWithBoxes, collate_multic
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss is NaN/inf; Lightning does not checkpoint on exceptions, so the last good
     checkpoint on disk stays untouched."""
-
-
-def check_keys(given: Iterable[str], valid: Sequence[str], prefix: str, valid_text: str | None = None) -> None:
-    """A key of ``given`` not in ``valid`` (a typo, e.g. through Hydra's ``+key=`` hint) is a ValueError
-    naming ``<prefix>.<key>``, the closest valid key and ``valid_text`` (default: the valid keys)."""
-    unknown = [k for k in given if k not in valid]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-        raise ValueError(f"{prefix}.{unknown[0]} is not an option{hint}; "
-                         f"{valid_text or f'valid keys of {prefix}: ' + ', '.join(valid)}. Fix or remove that key.")
-
-
-def parse_options(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """``cls(**values)`` for a dataclass of config options; unknown or missing keys name ``<prefix>.<key>``."""
-    names = [f.name for f in fields(cls)]
-    check_keys(values, names, prefix)
-    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
-    if missing:
-        raise ValueError(f"{prefix}.{missing[0]} is required; valid keys of {prefix}: {', '.join(names)}")
-    return cls(**values)
 
 
 def _shape(fn: Callable[..., Any]) -> list[tuple[str, str, bool]]:
@@ -122,7 +102,8 @@ class SSLMethod(L.LightningModule):
         teacher: ``None`` for no teacher, else ``momentum`` (base) and ``final_momentum`` of the cosine
             EMA schedule (:class:`TeacherOptions`, ``self.teacher_cfg``).
         color: keyword arguments of :class:`ColorAugment` applied on device to every crop.
-        dse_regularizer: ``weight`` (beta) and DSE options; adds -beta * DSE(student patch tokens).
+        dse_regularizer: ``weight`` (beta) and the fields of :class:`~densessl.metrics.DSEOptions`
+            (``self.dse_options``, an unknown key is a ValueError); adds -beta * DSE(student patch tokens).
         eval_on: which network evaluators and exports use ("teacher" or "student").
         student_drop_path: stochastic depth of the student only (the teacher always has none).
         crops: keyword arguments of :class:`MultiCropWithBoxes` (the CPU-side view sampler).
@@ -170,8 +151,9 @@ class SSLMethod(L.LightningModule):
         self.eval_on = eval_on
         self.color = ColorAugment(**(color or {}))
         self.compile_cfg = compile
-        self.dse_cfg = dict(dse_regularizer or {})
-        self.dse_weight = float(self.dse_cfg.pop("weight", 0.0))
+        dse_cfg = dict(dse_regularizer or {})
+        self.dse_weight = float(dse_cfg.pop("weight", 0.0))
+        self.dse_options = parse_options(DSEOptions, dse_cfg, "dse.regularizer")
         # Private generators (DSE k-means, reference sampling, ...) never touch the global RNG; they
         # are saved in checkpoints with the global RNG states for exact resume.
         self._generators: dict[str, torch.Generator] = {}
@@ -251,11 +233,8 @@ class SSLMethod(L.LightningModule):
         return gen
 
     def dse_term(self, dense: Tensor) -> Tensor:
-        from densessl.metrics import dse_regularizer
-
-        opts = {k: v for k, v in self.dse_cfg.items() if k != "seed"}
-        gen = self.generator("dse", dense.device, self.dse_cfg.get("seed", 0))
-        return dse_regularizer(dense, generator=gen, **opts)
+        gen = self.generator("dse", dense.device, self.dse_options.seed)
+        return dse_regularizer(dense, self.dse_options, generator=gen)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lightning.fabric.utilities.seed import _collect_rng_states

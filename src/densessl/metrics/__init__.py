@@ -1,6 +1,7 @@
 """Representation-quality metrics."""
 
 from densessl.metrics.dse import (
+    DSEOptions,
     DSEResult,
     dse,
     dse_over_batches,
@@ -10,6 +11,7 @@ from densessl.metrics.selection import lambda_normalized_dse, select_checkpoints
 from densessl.metrics.spectra import centered_singular_sum, effective_rank
 
 __all__ = [
+    "DSEOptions",
     "DSEResult",
     "centered_singular_sum",
     "dse",

@@ -22,8 +22,8 @@ Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance term
   normalised effective rank over ``N`` draws.
 * ``value`` = inter + dim - (intra_img + intra_batch) / 2.
 
-This module holds the terms, the metric (:func:`dse`, :func:`dse_over_batches`), its options and
-rules and the regularizer. The lambda step across checkpoints is in ``densessl.metrics.selection``, the
+This module holds the terms, the metric (:func:`dse`, :func:`dse_over_batches`), its options
+(:class:`DSEOptions`, the one home of their defaults) and rules and the regularizer. The lambda step across checkpoints is in ``densessl.metrics.selection``, the
 batched k-means in ``densessl.metrics.kmeans`` and the singular-value spectra in ``densessl.metrics.spectra``.
 """
 
@@ -44,8 +44,10 @@ from torch import Tensor
 from densessl.amp import autocast_off
 from densessl.metrics.kmeans import Seeding, kmeanspp_seed, lloyd, sq_dist
 from densessl.metrics.spectra import centered_singular_sum, effective_rank, erank, singular_values
+from densessl.options import with_overrides
 
 __all__ = [
+    "DSEOptions",
     "DSEResult",
     "centered_singular_sum",
     "dse",
@@ -103,6 +105,53 @@ def _generators(generator: torch.Generator, count: int) -> list[torch.Generator]
     the same numbers whatever order they run in."""
     seeds = torch.randint(2**62, (count,), generator=generator, device=generator.device).tolist()
     return [torch.Generator(generator.device).manual_seed(s) for s in seeds]
+
+
+@dataclass(frozen=True)
+class DSEOptions:
+    """Options of the DSE metric and regularizer; the defaults are the official README's.
+
+    Config blocks (``dse.regularizer``, ``callbacks.dse``, ``eval.options``) are read into this
+    object, so a misspelt key fails naming itself; the functions below also take single fields as
+    keywords, e.g. ``dse(x, seed=3)``.
+
+    Attributes:
+        local_clusters: k of the per-image k-means (README: 3).
+        global_clusters: k of the per-group k-means (README: 24).
+        group_size: images per group; None: ``global_clusters // local_clusters`` (= 8).
+        normalize: L2-normalise every token first (README: on).
+        rank_draws: metric only: number of per-position draws for M_dim; None: all N (reference).
+            Each draw costs one float64 eigen-solve of size min(B, D), the largest single cost at
+            B=1024; fewer draws trade M_dim noise for time.
+        variant: "code" (official code) or "paper" (equations as reported by secondary summaries:
+            no division by s, css / (n - 1), squared cluster-balanced inter, un-normalised
+            effective rank; unverified).
+        seeding: k-means++ weights "d" (distance, as the reference) or "d2" (standard, lightly).
+        kmeans_iters, tol: Lloyd iterations and early-stop threshold on the centroid shift.
+        seed: seed of the private generator (the global RNG is never touched).
+    """
+
+    local_clusters: int = 3
+    global_clusters: int = 24
+    group_size: int | None = None
+    normalize: bool = True
+    rank_draws: int | None = None
+    variant: Variant = "code"
+    seeding: Seeding = "d"
+    kmeans_iters: int = 20
+    tol: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("code", "paper"):
+            raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
+        if self.seeding not in ("d", "d2"):
+            raise ValueError(f"seeding must be 'd' (reference) or 'd2' (standard k-means++), got {self.seeding!r}")
+        if self.local_clusters < 1 or self.global_clusters < 2:
+            raise ValueError(f"need local_clusters >= 1 and global_clusters >= 2, got {self.local_clusters}, "
+                             f"{self.global_clusters}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 (or None for global // local), got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -196,11 +245,8 @@ def _clusters(
     k: int,
     *,
     with_inter: bool,
-    variant: Variant,
+    options: DSEOptions,
     work: torch.dtype,
-    seeding: Seeding,
-    iters: int,
-    tol: float,
     rules: _Rules,
     generator: torch.Generator,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -223,12 +269,13 @@ def _clusters(
     def run(item: tuple[Tensor, torch.Generator]) -> tuple[Tensor | None, Tensor, Tensor]:
         chunk, gen = item
         with torch.no_grad():
-            centroids = kmeanspp_seed(chunk, k, seeding, gen)
-            centroids, labels = lloyd(chunk, centroids, iters=iters, tol=tol, rules=rules, generator=gen)
+            centroids = kmeanspp_seed(chunk, k, options.seeding, gen)
+            centroids, labels = lloyd(chunk, centroids, iters=options.kmeans_iters, tol=options.tol, rules=rules,
+                                      generator=gen)
         # in the k-means dtype: distances between batch-centred tokens and centroids of size ~s carry
         # a relative error ~eps, so float64 (a 2x slower GEMM) would add nothing
-        inter = _inter(chunk, centroids, labels, variant).to(work) if with_inter else None
-        return (inter, *_cluster_css(chunk, labels, k, variant, work))
+        inter = _inter(chunk, centroids, labels, options.variant).to(work) if with_inter else None
+        return (inter, *_cluster_css(chunk, labels, k, options.variant, work))
 
     out = _parallel_map(run, zip(chunks, _generators(generator, len(chunks))), x.device)
     inter = torch.cat([o[0] for o in out]) if with_inter else None
@@ -271,8 +318,16 @@ def _centre(
     return torch.cat(ys), fixed, torch.cat(norms)
 
 
-def _terms(features: Tensor, rules: _Rules, **options: Any) -> dict[str, Tensor]:
-    """The four DSE terms of one batch. features: (B, N, D) -> 0-dim tensors in ``options["work"]``.
+def _terms(
+    features: Tensor,
+    rules: _Rules,
+    options: DSEOptions,
+    *,
+    work: torch.dtype,
+    store: torch.dtype,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """The four DSE terms of one batch. features: (B, N, D) -> 0-dim tensors in ``work``.
 
     Every term but M_dim is translation invariant, so k-means and distances use
     batch-centred tokens ``y`` (stored in ``store``, float32 for the metric): distances stay
@@ -281,31 +336,23 @@ def _terms(features: Tensor, rules: _Rules, **options: Any) -> dict[str, Tensor]
     backward in bfloat16 (measured: gradients off by ~25 % of their largest entry).
     """
     with autocast_off(features.device):
-        return _terms_full_precision(features, rules, **options)
+        return _terms_full_precision(features, rules, options, work, store, generator)
 
 
 def _terms_full_precision(
     features: Tensor,
     rules: _Rules,
-    *,
+    options: DSEOptions,
     work: torch.dtype,
     store: torch.dtype,
-    normalize: bool,
-    local_clusters: int,
-    global_clusters: int,
-    group_size: int | None,
-    variant: Variant,
-    seeding: Seeding,
-    kmeans_iters: int,
-    tol: float,
-    rank_draws: int | None,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     """:func:`_terms` with autocast already off."""
     B, N, D = features.shape
-    G = group_size or max(global_clusters // local_clusters, 1)
+    G = options.group_size or max(options.global_clusters // options.local_clusters, 1)
+    variant = options.variant
 
-    y, mean, norms = _centre(features, normalize, work, store)
+    y, mean, norms = _centre(features, options.normalize, work, store)
     if not torch.isfinite(mean).all():  # any NaN/inf token reaches the mean
         raise ValueError("DSE got non-finite features (NaN/inf); check the backbone output")
     s = norms.mean()
@@ -323,18 +370,10 @@ def _terms_full_precision(
             )
         s = s.clamp_min(1e-12 * rms + torch.finfo(s.dtype).tiny)
     scale = s if variant == "code" else torch.ones_like(s)  # paper: no division by s
-    options = dict(
-        variant=variant,
-        work=work,
-        seeding=seeding,
-        iters=kmeans_iters,
-        tol=tol,
-        rules=rules,
-        generator=generator,
-    )
+    run = dict(options=options, work=work, rules=rules, generator=generator)
 
     # M_intra_img: one k-means per image.
-    _, css, valid = _clusters(y, local_clusters, with_inter=False, **options)
+    _, css, valid = _clusters(y, options.local_clusters, with_inter=False, **run)
     has = valid.any(1)
     per_image = css.sum(1) / valid.sum(1).clamp_min(1)
     if rules.img_default is not None:
@@ -349,7 +388,7 @@ def _terms_full_precision(
         groups.append(y[full:].reshape(1, (B - full) * N, D))
     inter, css_all = [], []
     for x in groups:
-        group_inter, css, valid = _clusters(x, global_clusters, with_inter=True, **options)
+        group_inter, css, valid = _clusters(x, options.global_clusters, with_inter=True, **run)
         inter.append(group_inter)
         css_all.append(css[valid])
     inter = torch.cat(inter).mean() / scale
@@ -364,7 +403,7 @@ def _terms_full_precision(
         dim = erank((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
     else:
         # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
-        perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : rank_draws or N]
+        perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : options.rank_draws or N]
         rows = torch.arange(B, device=y.device)
         ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
             lambda draws: erank(y[rows, draws].to(work) + mean, normalise=normalise_er),
@@ -380,15 +419,8 @@ def _combine(inter: Tensor, intra_img: Tensor, intra_batch: Tensor, dim: Tensor)
     return inter + dim - (intra_img + intra_batch) / 2
 
 
-def _check(
-    features: Tensor,
-    variant: str,
-    seeding: str,
-    local_clusters: int,
-    global_clusters: int,
-    group_size: int | None,
-    rank_draws: int | None = None,
-) -> None:
+def _check(features: Tensor, rank_draws: int | None) -> None:
+    """Input checks that need the features (the options check themselves in ``DSEOptions``)."""
     if features.ndim != 3 or 0 in features.shape:
         raise ValueError(
             f"DSE expects non-empty features of shape (B, N, D), got {tuple(features.shape)}; "
@@ -396,16 +428,6 @@ def _check(
         )
     if not features.is_floating_point():
         raise ValueError(f"DSE expects floating-point features, got {features.dtype}")
-    if variant not in ("code", "paper"):
-        raise ValueError(f"variant must be 'code' or 'paper', got {variant!r}")
-    if seeding not in ("d", "d2"):
-        raise ValueError(f"seeding must be 'd' (reference) or 'd2' (standard k-means++), got {seeding!r}")
-    if local_clusters < 1 or global_clusters < 2:
-        raise ValueError(
-            f"need local_clusters >= 1 and global_clusters >= 2, got {local_clusters}, {global_clusters}"
-        )
-    if group_size is not None and group_size < 1:
-        raise ValueError(f"group_size must be >= 1 (or None for global // local), got {group_size}")
     if rank_draws is not None and not 1 <= rank_draws <= features.shape[1]:
         raise ValueError(
             f"rank_draws must be in [1, N={features.shape[1]}] (or None for all), got {rank_draws}"
@@ -415,103 +437,39 @@ def _check(
 # ----------------------------------------------------------------------------- public API
 
 
-def dse(
-    features: Tensor,
-    *,
-    local_clusters: int = 3,
-    global_clusters: int = 24,
-    group_size: int | None = None,
-    normalize: bool = True,
-    rank_draws: int | None = None,
-    variant: Variant = "code",
-    seeding: Seeding = "d",
-    kmeans_iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
-) -> DSEResult:
+def dse(features: Tensor, options: DSEOptions | None = None, **overrides: Any) -> DSEResult:
     """DSE of one batch of dense features, as the official ``estimator.compute_DSE``.
 
     Args:
         features: (B, N, D) patch tokens of B images, any float dtype. k-means runs on
             float32 batch-centred tokens, every term in float64.
-        local_clusters: k of the per-image k-means (README: 3).
-        global_clusters: k of the per-group k-means (README: 24).
-        group_size: images per group; default ``global_clusters // local_clusters`` (= 8).
-        normalize: L2-normalise every token first (README: on).
-        rank_draws: number of per-position draws for M_dim; default all N (reference).
-            Each draw costs one float64 eigen-solve of size min(B, D), the largest single
-            cost at B=1024; fewer draws trade M_dim noise for time.
-        variant: "code" (official code) or "paper" (equations as reported by secondary
-            summaries: no division by s, css / (n - 1), squared cluster-balanced inter,
-            un-normalised effective rank; unverified).
-        seeding: k-means++ weights "d" (distance, as the reference) or "d2" (standard, lightly).
-        kmeans_iters, tol: Lloyd iterations and early-stop threshold on the centroid shift.
-        seed: seed of the private generator (the global RNG is never touched).
+        options: :class:`DSEOptions` (default: the README's); ``overrides`` replace single fields.
 
     Returns:
         DSEResult with value = inter + dim - (intra_img + intra_batch) / 2.
     """
-    return dse_over_batches(
-        [features],
-        local_clusters=local_clusters,
-        global_clusters=global_clusters,
-        group_size=group_size,
-        normalize=normalize,
-        rank_draws=rank_draws,
-        variant=variant,
-        seeding=seeding,
-        kmeans_iters=kmeans_iters,
-        tol=tol,
-        seed=seed,
-    )
+    return dse_over_batches([features], options, **overrides)
 
 
 def dse_over_batches(
-    feature_batches: Iterable[Tensor],
-    *,
-    local_clusters: int = 3,
-    global_clusters: int = 24,
-    group_size: int | None = None,
-    normalize: bool = True,
-    rank_draws: int | None = None,
-    variant: Variant = "code",
-    seeding: Seeding = "d",
-    kmeans_iters: int = 20,
-    tol: float = 1e-4,
-    seed: int = 0,
+    feature_batches: Iterable[Tensor], options: DSEOptions | None = None, **overrides: Any
 ) -> DSEResult:
     """Mean of each DSE term over batches with equal weight (reference ``get_DSE.py``).
 
-    Options are those of :func:`dse`; one private generator seeded with ``seed`` serves all
+    Options as for :func:`dse`; one private generator seeded with ``options.seed`` serves all
     batches, so the result is deterministic and the global RNG is never touched.
     """
+    options = with_overrides(DSEOptions, options, overrides)
     generator = None
     totals: list[dict[str, Tensor]] = []
     with torch.no_grad():
         for features in feature_batches:
-            _check(features, variant, seeding, local_clusters, global_clusters, group_size, rank_draws)
+            _check(features, options.rank_draws)
             if generator is None:
-                generator = torch.Generator(features.device).manual_seed(seed)
+                generator = torch.Generator(features.device).manual_seed(options.seed)
             # k-means runs on float32 tokens, every term in float64 (accuracy near collapse).
             store = torch.promote_types(features.dtype, torch.float32)
-            totals.append(
-                _terms(
-                    features,
-                    _METRIC,
-                    work=torch.float64,
-                    store=store,
-                    normalize=normalize,
-                    local_clusters=local_clusters,
-                    global_clusters=global_clusters,
-                    group_size=group_size,
-                    variant=variant,
-                    seeding=seeding,
-                    kmeans_iters=kmeans_iters,
-                    tol=tol,
-                    rank_draws=rank_draws,
-                    generator=generator,
-                )
-            )
+            totals.append(_terms(features, _METRIC, options, work=torch.float64, store=store, generator=generator))
     if not totals:
         raise ValueError("dse_over_batches got no feature batches")
     terms = {name: torch.stack([t[name] for t in totals]).mean() for name in totals[0]}
@@ -520,16 +478,10 @@ def dse_over_batches(
 
 def dse_regularizer(
     features: Tensor,
+    options: DSEOptions | None = None,
     *,
-    local_clusters: int = 3,
-    global_clusters: int = 24,
-    group_size: int | None = None,
-    normalize: bool = True,
-    variant: Variant = "code",
-    seeding: Seeding = "d",
-    kmeans_iters: int = 20,
-    tol: float = 1e-4,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> Tensor:
     """Differentiable DSE, as the official ``DSERegularizer.compute_DSE_loss``.
 
@@ -544,28 +496,16 @@ def dse_regularizer(
 
     Args:
         features: (B, N, D) tokens (with gradient).
-        generator: private RNG for k-means; default a fresh one seeded 0 per call (the
-            reference reseeds too, but the global RNG, so augmentations repeat).
-        Other options: see :func:`dse`.
+        options: :class:`DSEOptions` (``rank_draws`` must stay None); ``overrides`` replace single fields.
+        generator: private RNG for k-means; default a fresh one seeded ``options.seed`` per call
+            (the reference reseeds too, but the global RNG, so augmentations repeat).
     """
-    _check(features, variant, seeding, local_clusters, global_clusters, group_size)
+    options = with_overrides(DSEOptions, options, overrides)
+    if options.rank_draws is not None:
+        raise ValueError("rank_draws is an option of the DSE metric only: the regularizer's M_dim is the "
+                         "effective rank of all B*N tokens")
+    _check(features, None)
     if generator is None:
-        generator = torch.Generator(features.device).manual_seed(0)
+        generator = torch.Generator(features.device).manual_seed(options.seed)
     work = torch.promote_types(features.dtype, torch.float32)  # no half-precision svdvals
-    terms = _terms(
-        features,
-        _REGULARIZER,
-        work=work,
-        store=work,
-        normalize=normalize,
-        local_clusters=local_clusters,
-        global_clusters=global_clusters,
-        group_size=group_size,
-        variant=variant,
-        seeding=seeding,
-        kmeans_iters=kmeans_iters,
-        tol=tol,
-        rank_draws=None,
-        generator=generator,
-    )
-    return _combine(**terms)
+    return _combine(**_terms(features, _REGULARIZER, options, work=work, store=work, generator=generator))
