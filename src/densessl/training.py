@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from densessl.data.datamodule import SSLDataModule, prepare_root
 from densessl.data.datasets import skipped_files
-from densessl.options import check_keys
+from densessl.options import check_keys, parse_options
 
 log = logging.getLogger("densessl")
 
@@ -164,6 +164,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     from densessl.callbacks import AtomicCheckpointIO, DenseEvalCallback, ProgressBar
     from densessl.callbacks.preemption import ignore_stop_signals
+    from densessl.evaluation.overcluster import OverclusterOptions
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
 
@@ -176,6 +177,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     val = build_dataset(cfg, "val") if cfg.eval_before_after else None
     model = build_method(cfg)
     check_eval_sizes(cfg, model.eval_backbone)
+    overcluster_options = parse_options(OverclusterOptions, OmegaConf.to_container(cfg.overcluster, resolve=True),
+                                        "overcluster")
     dm = SSLDataModule(train_set, model.train_transform(), model.collate_fn, batch_size=cfg.data.batch_size,
                        num_workers=cfg.data.num_workers, max_images=cfg.data.max_images, seed=cfg.seed,
                        worker_init_fn=ignore_stop_signals, with_labels=model.uses_labels)
@@ -198,7 +201,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if val is not None:
-        summary["before"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
+        summary["before"] = evaluate_overclustering(model.eval_backbone, val, overcluster_options)
     ckpt = resolve_resume(cfg.resume, run_dir)
     if ckpt is not None:
         print(f"resuming from {ckpt} (step {check_resume_checkpoint(ckpt, model, trainer.world_size)})", flush=True)
@@ -216,7 +219,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     summary["train_seconds"] = time.perf_counter() - start
     if val is not None:
-        summary["after"] = evaluate_overclustering(model.eval_backbone, val, **cfg.overcluster)
+        summary["after"] = evaluate_overclustering(model.eval_backbone, val, overcluster_options)
         if trainer.is_global_zero:
             # The after panel also shows the final predictions of the evaluation callbacks (linear,
             # retrieval) on the same val images: image | ground truth | overcluster | linear | retrieval.

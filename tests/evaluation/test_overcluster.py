@@ -1,8 +1,12 @@
+from dataclasses import asdict
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -10,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from densessl.evaluation import (
     DenseFeatures,
     OverclusterInputs,
+    OverclusterOptions,
     cluster_miou,
     confusion_matrix,
     extract_dense_features,
@@ -204,3 +209,23 @@ def test_extract_dense_features_rejects_uint8_images():
     loader = [(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 8, 8, dtype=torch.int64))]
     with pytest.raises(ValueError, match="normalised float"):
         extract_dense_features(TinyBackbone(), loader, max_images=2)
+
+
+def test_configs_restate_the_protocol_defaults():
+    """OverclusterOptions is the home of the protocol's defaults: the configs that list its fields state the
+    same values, apart from the keys each sets on purpose."""
+    root = Path(__file__).resolve().parents[2] / "configs"
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(OverclusterOptions()).items()}
+    blocks = {"eval.options": (OmegaConf.load(root / "eval" / "overcluster.yaml").options,
+                               {"num_vis", "gpu", "progress"}),
+              "overcluster": (OmegaConf.load(root / "train.yaml").overcluster, {"num_vis"})}
+    for name, (block, own) in blocks.items():
+        listed = {k: v for k, v in OmegaConf.to_container(block).items() if k not in own}
+        assert set(listed) <= set(defaults), name
+        assert listed == {k: defaults[k] for k in listed}, name
+
+
+def test_misspelt_option_names_itself():
+    with pytest.raises(ValueError, match=r"OverclusterOptions.nitre is not an option \(did you mean "
+                                         r"OverclusterOptions.niter\?\)"):
+        overcluster(planted_features(), NUM_CLASSES, ks=(NUM_CLASSES,), nitre=5)

@@ -12,6 +12,7 @@ from densessl.evaluation.metrics import (
 )
 from densessl.evaluation.overcluster import (
     OverclusterInputs,
+    OverclusterOptions,
     OverclusterResult,
     cluster_miou,
     kmeans_labels,
@@ -23,6 +24,7 @@ from densessl.evaluation.overcluster import (
 __all__ = [
     "DenseFeatures",
     "OverclusterInputs",
+    "OverclusterOptions",
     "OverclusterResult",
     "apply_matching",
     "cluster_miou",

@@ -5,15 +5,16 @@ z-score every feature dimension -> faiss PCA to ``pca_dim`` -> faiss k-means per
 cluster map nearest-upsampled to ``mask_size`` -> ignore pixels dropped -> Hungarian matching if
 K == num_classes, else many-to-one (precision) -> mIoU, reported as mean and std over seeds.
 The z-scored/PCA'd points and the masks at ``mask_size`` are computed once and shared by all K and
-seeds; each (K, seed) costs one k-means plus one bincount confusion matrix.
+seeds; each (K, seed) costs one k-means plus one bincount confusion matrix. The protocol's options and
+their defaults live in :class:`OverclusterOptions`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,11 +25,13 @@ from densessl.evaluation.features import DenseFeatures
 from densessl.evaluation.metrics import apply_matching, confusion_matrix, match_hungarian, match_many_to_one, miou
 from densessl.evaluation.runtime import progress_bar
 from densessl.faiss_import import check_faiss_gpu, faiss_threads, import_faiss
+from densessl.options import with_overrides
 
 faiss = import_faiss()
 
 __all__ = [
     "OverclusterInputs",
+    "OverclusterOptions",
     "OverclusterResult",
     "cluster_miou",
     "kmeans_labels",
@@ -38,6 +41,50 @@ __all__ = [
 ]
 
 _CHUNK_ROWS = 32768  # rows per chunk when z-scoring/projecting: bounds the float64 temporaries to ~100 MB
+
+
+@dataclass(frozen=True)
+class OverclusterOptions:
+    """Options of the overclustering protocol, the one home of their defaults: the offline protocol of
+    NeCo/Leopart (448 px input, PCA 50, k-means with 100 iterations and 5 restarts per K and seed 0-4,
+    masks at 100 px). configs/eval/overcluster.yaml (``eval.options``) and configs/train.yaml
+    (``overcluster``) restate them, checked by tests/evaluation/test_overcluster.py. The in-training
+    variant (Leopart's PredsmIoUKmeans) is upsample="features", niter=50.
+
+    Attributes:
+        image_size, batch_size, max_images: input side (px), feature-extraction batch and the first
+            ``max_images`` images of the dataset (None: all); read by ``evaluate_overclustering`` only.
+        ks, seeds: the numbers of clusters K and the k-means seeds; mIoU is reported per K over seeds.
+        pca_dim: PCA dimension after z-scoring every feature dimension.
+        niter, nredo: faiss k-means iterations and restarts (the best of nredo is kept).
+        mask_size: side of the ground truth and the upsampled cluster maps.
+        ignore_index: label of ignored pixels.
+        spherical: faiss spherical k-means (normalised centroids).
+        gpu: faiss on the GPU.
+        upsample: "clusters" (tokens clustered, pixels take their token's cluster) or "features"
+            (tokens bilinearly upsampled to mask_size, every pixel clustered).
+        num_vis: images whose matched maps are kept for pictures (the first ones, first seed).
+    """
+
+    image_size: int = 448
+    batch_size: int = 16
+    max_images: int | None = None
+    ks: tuple[int, ...] = (100, 300, 500)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    pca_dim: int = 50
+    niter: int = 100
+    nredo: int = 5
+    mask_size: int = 100
+    ignore_index: int = 255
+    spherical: bool = False
+    gpu: bool = False
+    upsample: Literal["clusters", "features"] = "clusters"
+    num_vis: int = 0
+
+    def __post_init__(self) -> None:
+        # Configs give lists; tuples keep the options immutable.
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
 
 @dataclass
@@ -189,19 +236,18 @@ def _zscore_pca(chunks: Callable[[], Iterator[Tensor]], num_rows: int, dim: int,
 
 
 def prepare_overcluster_inputs(
-    features: DenseFeatures,
-    pca_dim: int = 50,
-    mask_size: int = 100,
-    ignore_index: int = 255,
-    upsample: Literal["clusters", "features"] = "clusters",
-    num_vis: int = 0,
+    features: DenseFeatures, options: OverclusterOptions | None = None, **overrides: Any
 ) -> OverclusterInputs:
     """Z-score + PCA the points once and index the kept ground-truth pixels (shared by all K and seeds).
 
-    upsample="clusters" (offline protocol): tokens are clustered, pixels take their token's cluster via
-    nearest upsampling. upsample="features" (Leopart's in-training PredsmIoUKmeans): tokens are first
-    bilinearly upsampled to mask_size and every pixel is clustered (N = n * mask_size**2 points).
+    Reads pca_dim, mask_size, ignore_index, upsample and num_vis of ``options`` (default
+    :class:`OverclusterOptions`; ``overrides`` replace single fields). upsample="clusters" (offline
+    protocol): tokens are clustered, pixels take their token's cluster via nearest upsampling.
+    upsample="features" (Leopart's in-training PredsmIoUKmeans): tokens are first bilinearly upsampled
+    to mask_size and every pixel is clustered (N = n * mask_size**2 points).
     """
+    options = with_overrides(OverclusterOptions, options, overrides)
+    pca_dim, mask_size, upsample = options.pca_dim, options.mask_size, options.upsample
     n, (h, w), dim = features.num_images, features.grid, features.tokens.shape[-1]
     if not 1 <= pca_dim <= dim:
         raise ValueError(f"pca_dim must be in [1, {dim}] (the feature dimension), got {pca_dim}")
@@ -230,26 +276,25 @@ def prepare_overcluster_inputs(
     else:
         raise ValueError(f"upsample must be 'clusters' or 'features', got {upsample!r}")
     points = _zscore_pca(chunks, num_rows, dim, pca_dim)
-    keep = gt != ignore_index
+    keep = gt != options.ignore_index
     # Masks are uint8, so row * 256 + class is a unique key for the (row, class) pair.
     pairs, counts = torch.unique(rows[keep] * 256 + gt[keep], return_counts=True)
-    return OverclusterInputs(points, pairs // 256, pairs % 256, counts, rows[:num_vis].clone())
+    return OverclusterInputs(points, pairs // 256, pairs % 256, counts, rows[: options.num_vis].clone())
 
 
 def kmeans_labels(
-    points: np.ndarray,
-    k: int,
-    seed: int,
-    niter: int = 100,
-    nredo: int = 5,
-    spherical: bool = False,
-    gpu: bool = False,
+    points: np.ndarray, k: int, seed: int, options: OverclusterOptions | None = None, **overrides: Any
 ) -> Tensor:
-    """faiss k-means on (N, d) float32 points, then nearest-centroid assignment -> (N,) int64 labels."""
+    """faiss k-means on (N, d) float32 points, then nearest-centroid assignment -> (N,) int64 labels.
+
+    Reads niter, nredo, spherical and gpu of ``options`` (default :class:`OverclusterOptions`;
+    ``overrides`` replace single fields)."""
+    options = with_overrides(OverclusterOptions, options, overrides)
     if k > len(points):
         raise ValueError(f"K={k} exceeds the number of points ({len(points)}): use fewer clusters or more images")
-    check_faiss_gpu(gpu)
-    kmeans = faiss.Kmeans(points.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, gpu=gpu)
+    check_faiss_gpu(options.gpu)
+    kmeans = faiss.Kmeans(points.shape[1], k, niter=options.niter, nredo=options.nredo, seed=seed,
+                          spherical=options.spherical, gpu=options.gpu)
     kmeans.train(points)
     return torch.from_numpy(kmeans.index.search(points, 1)[1].reshape(-1))
 
@@ -268,39 +313,32 @@ def cluster_miou(labels: Tensor, inputs: OverclusterInputs, k: int, num_classes:
 def overcluster(
     features: DenseFeatures,
     num_classes: int,
-    ks: Sequence[int] = (100, 300, 500),
-    seeds: Sequence[int] = (0, 1, 2, 3, 4),
-    pca_dim: int = 50,
-    niter: int = 100,
-    nredo: int = 5,
-    mask_size: int = 100,
-    ignore_index: int = 255,
-    spherical: bool = False,
-    gpu: bool = False,
-    upsample: Literal["clusters", "features"] = "clusters",
-    num_vis: int = 0,
+    options: OverclusterOptions | None = None,
+    *,
     num_threads: int | None = None,
     progress: bool = False,
+    **overrides: Any,
 ) -> OverclusterResult:
-    """Overclustering mIoU for every K in ``ks``, over ``seeds`` (see module docstring).
+    """Overclustering mIoU for every K in ``options.ks``, over ``options.seeds`` (see module docstring).
 
-    Defaults are the offline protocol (niter 100, nredo 5, seeds 0-4, PCA 50, masks at 100 px). The
-    in-training variant is upsample="features", niter=50. ``num_vis`` keeps the matched maps of the first
+    ``options``: :class:`OverclusterOptions` (default: the offline protocol); ``overrides`` replace single
+    fields, e.g. ``overcluster(features, 21, ks=(21,))``. ``num_vis`` keeps the matched maps of the first
     images under the first seed. faiss uses ``num_threads`` OpenMP threads (default: torch's intra-op
     thread count, so both libraries respect one setting), restored afterwards. ``progress``: a tqdm bar
     over the (K, seed) k-means runs (stderr, terminals only).
     """
-    ks, seeds = tuple(int(k) for k in ks), tuple(int(s) for s in seeds)
+    options = with_overrides(OverclusterOptions, options, overrides)
+    ks, seeds, num_vis = options.ks, options.seeds, options.num_vis
     if num_classes < 1 or not ks or min(ks) < 1 or not seeds:
         raise ValueError(f"need num_classes >= 1, at least one K >= 1 and one seed (got {num_classes}, {ks}, {seeds})")
     if len(set(ks)) != len(ks):
         raise ValueError(f"duplicate K in {ks}")
-    check_faiss_gpu(gpu)
+    check_faiss_gpu(options.gpu)
     num_threads = num_threads or torch.get_num_threads()
     timings: dict[str, float] = {}
     with faiss_threads(num_threads):
         start = time.perf_counter()
-        inputs = prepare_overcluster_inputs(features, pca_dim, mask_size, ignore_index, upsample, num_vis)
+        inputs = prepare_overcluster_inputs(features, options)
         timings["prepare_s"] = time.perf_counter() - start
         results: dict[int, list[float]] = {}
         matched_maps: dict[int, Tensor] = {}
@@ -311,7 +349,7 @@ def overcluster(
         for k, seed in bar:
             bar.set_postfix_str(f"K={k} seed={seed}")
             start = time.perf_counter()
-            labels = kmeans_labels(inputs.points, k, seed, niter, nredo, spherical, gpu)
+            labels = kmeans_labels(inputs.points, k, seed, options)
             middle = time.perf_counter()
             value, mapping = cluster_miou(labels, inputs, k, num_classes)
             timings[f"kmeans_k{k}_s"] += middle - start
@@ -319,5 +357,5 @@ def overcluster(
             results.setdefault(k, []).append(value)
             if seed == seeds[0] and num_vis:
                 matched_maps[k] = mapping[labels[inputs.rows_of_first]].to(torch.uint8)
-    vis_targets = resize_masks(features.masks[:num_vis], mask_size, features.image_size) if num_vis else None
+    vis_targets = resize_masks(features.masks[:num_vis], options.mask_size, features.image_size) if num_vis else None
     return OverclusterResult(num_classes, seeds, results, matched_maps, vis_targets, timings)

@@ -12,9 +12,9 @@ from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 from densessl.data.datasets import SegTransform
 from densessl.evaluation.datasets import WithTransform
 from densessl.evaluation.features import extract_dense_features
-from densessl.evaluation.overcluster import OverclusterResult, overcluster
+from densessl.evaluation.overcluster import OverclusterOptions, OverclusterResult, overcluster
 from densessl.metrics import DSEOptions, DSEResult, dse_over_batches
-from densessl.options import check_keys
+from densessl.options import check_keys, with_overrides
 
 if TYPE_CHECKING:  # runtime imports are deferred: linear.py imports this module's seg_loader
     from densessl.evaluation.linear import LinearResult
@@ -30,17 +30,20 @@ def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int 
                       num_workers=num_workers, shuffle=False)
 
 
-def evaluate_overclustering(backbone: Any, dataset: Any, *, image_size: int = 448, batch_size: int = 16,
-                            max_images: int | None = None, num_workers: int = 0, device: str | None = None,
-                            progress: bool = False, **options: Any) -> OverclusterResult:
-    """Frozen patch tokens of ``backbone`` on ``dataset`` (image_size x image_size input) -> the
-    overclustering protocol of NeCo/Leopart (``densessl.evaluation.overcluster``)."""
+def evaluate_overclustering(backbone: Any, dataset: Any, options: OverclusterOptions | None = None, *,
+                            num_workers: int = 0, device: str | None = None, progress: bool = False,
+                            **overrides: Any) -> OverclusterResult:
+    """Frozen patch tokens of ``backbone`` on ``dataset`` (options.image_size x options.image_size input) ->
+    the overclustering protocol of NeCo/Leopart (``densessl.evaluation.overcluster``). ``options``:
+    :class:`OverclusterOptions` (default: the offline protocol); ``overrides`` replace single fields."""
+    options = with_overrides(OverclusterOptions, options, overrides)
     base = dataset.dataset if hasattr(dataset, "dataset") else dataset
     num_classes = int(getattr(base, "num_classes"))
     device = device or next(backbone.parameters()).device
-    loader = seg_loader(dataset, image_size, batch_size, num_workers, max_images)
+    loader = seg_loader(dataset, options.image_size, options.batch_size, num_workers, options.max_images)
     features = extract_dense_features(backbone, loader, device=device, progress=progress)
-    return overcluster(features, num_classes=num_classes, progress=progress, **options)
+    return overcluster(features, num_classes, options, progress=progress)
+
 
 def _first(dataset: Any, max_images: int | None) -> Any:
     if max_images is None:
