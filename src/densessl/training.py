@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+import densessl.slurm  # noqa: F401  registers the resolvers that configs/train.yaml and trainer=ddp use
 from densessl.data.datamodule import SSLDataModule, prepare_root
 from densessl.data.datasets import skipped_files
 
