@@ -159,3 +159,37 @@ def test_train_cli_takes_a_timm_name(tmp_path):
     assert code == 0, out[-3000:]
     Backbone("vit_small_patch16_dinov3", weights=str(tmp_path / "run" / "backbone.pth"), img_size=32,
              model_kwargs=ONE_BLOCK)  # the export loads strictly
+
+
+def test_trainer_fsdp_composes_and_its_export_gathers_the_eval_backbone(tmp_path, monkeypatch):
+    """FSDP itself needs CUDA (Lightning); here: the config builds the strategy (every ViT block an FSDP
+    unit and a checkpointed segment), and the export takes the eval backbone out of the gathered state."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    from densessl.training import export_eval_backbone
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        trainer_cfg = OmegaConf.to_container(compose("train", overrides=["trainer=fsdp"]).trainer, resolve=True)
+    strategy = instantiate(trainer_cfg["strategy"])
+    assert isinstance(strategy, FSDPStrategy) and trainer_cfg["precision"] == "bf16-mixed"
+    assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert strategy.kwargs["use_orig_params"] and strategy.sharding_strategy.name == "FULL_SHARD"
+
+    class Method(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student_backbone = Backbone("dinov2_vits14", model_kwargs=ONE_BLOCK)
+            self.teacher_backbone = Backbone("dinov2_vits14", model_kwargs=ONE_BLOCK)
+            self.eval_backbone = self.teacher_backbone
+
+    model = Method()
+    monkeypatch.setattr(strategy, "lightning_module_state_dict", model.state_dict)  # the gathered full state
+    export_eval_backbone(SimpleNamespace(strategy=strategy, is_global_zero=True), model, tmp_path / "b.pth", "dinov2")
+    saved = torch.load(tmp_path / "b.pth", weights_only=True)
+    expected = model.teacher_backbone.export_state_dict("dinov2")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)

@@ -171,6 +171,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer_options)
+    if isinstance(trainer_options.get("strategy"), dict):  # a strategy with options (trainer=fsdp)
+        trainer_options["strategy"] = hydra.utils.instantiate(trainer_options["strategy"])
     L.seed_everything(cfg.seed, workers=True)
     prepare_root(cfg.data)
     # Datasets first: a wrong data root is the likelier mistake and is reported before other config errors.
@@ -249,11 +251,28 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(figures, indent=2))
 
     export = run_dir / "backbone.pth"
-    if trainer.is_global_zero:
-        model.export_backbone(str(export), layout=cfg.export.layout)
+    export_eval_backbone(trainer, model, export, cfg.export.layout)
     summary.update(checkpoints=str(run_dir / "checkpoints"), logs=str(run_dir / "logs"),
                    config=str(run_dir / "config.yaml"), backbone=str(export))
     return summary
+
+
+def export_eval_backbone(trainer: L.Trainer, model: L.LightningModule, path: Path, layout: str) -> None:
+    """``model.eval_backbone``'s export, written by rank 0. Under FSDP its weights are sharded: every
+    rank takes part in gathering the full state dict (Lightning's; rank 0 receives it)."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        if trainer.is_global_zero:
+            model.export_backbone(str(path), layout=layout)
+        return
+    full = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        name = next(n for n, m in model.named_modules() if m is model.eval_backbone)
+        prefix = f"{name}.model."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        torch.save(model.eval_backbone.export_state_dict(layout, state=state), path)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -285,10 +285,11 @@ class Backbone(nn.Module):
         return state
 
     # ------------------------------------------------------------------ export
-    def export_state_dict(self, layout: str = "timm") -> dict[str, Tensor]:
+    def export_state_dict(self, layout: str = "timm", state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """A plain state dict: ``layout="timm"`` loads strictly into the matching timm model,
-        ``layout="dinov2"`` into the official torch.hub DINOv2 model (``facebookresearch/dinov2``)."""
-        state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        ``layout="dinov2"`` into the official torch.hub DINOv2 model (``facebookresearch/dinov2``).
+        ``state``: this model's timm state dict gathered elsewhere (a sharded run), else its own."""
+        state = {k: v.detach().clone().cpu() for k, v in (state or self.model.state_dict()).items()}
         if layout == "timm":
             return state
         if layout != "dinov2" or self.arch.family != "dinov2":
