@@ -168,6 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from densessl.callbacks.preemption import ignore_stop_signals
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
+    from densessl.loggers import NeptuneLogger
 
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer_options)
@@ -184,6 +185,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                        num_workers=cfg.data.num_workers, max_images=cfg.data.max_images, seed=cfg.seed,
                        worker_init_fn=ignore_stop_signals, with_labels=model.uses_labels)
 
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # file-backed stores (MLflow's SQLite) open it first
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     if trainer_options.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -252,6 +254,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     export = run_dir / "backbone.pth"
     export_eval_backbone(trainer, model, export, cfg.export.layout)
+    for lg in loggers:  # the one Neptune run of this training, open since fit for the figures above
+        if isinstance(lg, NeptuneLogger):
+            lg.close()
     summary.update(checkpoints=str(run_dir / "checkpoints"), logs=str(run_dir / "logs"),
                    config=str(run_dir / "config.yaml"), backbone=str(export))
     return summary
