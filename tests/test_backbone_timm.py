@@ -193,3 +193,14 @@ def test_trainer_fsdp_composes_and_its_export_gathers_the_eval_backbone(tmp_path
     saved = torch.load(tmp_path / "b.pth", weights_only=True)
     expected = model.teacher_backbone.export_state_dict("dinov2")
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_udi_renormalises_its_input_and_refuses_other_token_families():
+    from densessl.models.udi_vit import UDIViT
+
+    backbone = Backbone("vit_base_patch16_clip_224.openai", model_kwargs=ONE_BLOCK)
+    clip, images = UDIViT(backbone).eval(), torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(clip.model_input(images), backbone.model_input(images))
+    assert clip.forward_features(images)["patches"].shape == (1, 4, 768)
+    with pytest.raises(ValueError, match="UDI needs a timm VisionTransformer.*is a Eva"):
+        UDIViT(Backbone("dinov3_vits16", model_kwargs=ONE_BLOCK))

@@ -161,8 +161,7 @@ class Backbone(nn.Module):
         if cls_attention and not (isinstance(self.model, VisionTransformer) and has_cls):
             raise ValueError(f"cls_attention (NeCo's method.loss_mask=fg) needs a timm VisionTransformer with a CLS "
                              f"token; backbone '{self.name}' is a {type(self.model).__name__}")
-        if self.renormalize:
-            images = images * self.in_scale.to(images.dtype) + self.in_shift.to(images.dtype)
+        images = self.model_input(images)
         if not self.is_vit:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -190,6 +189,14 @@ class Backbone(nn.Module):
         if cls_attention:
             out["cls_attention"] = _cls_attention(self.model.blocks[-1].attn, inputs[0])[..., p:]
         return out
+
+    def model_input(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) normalised with ImageNet statistics (the data pipeline's) -> normalised
+        with the model's own (``pretrained_cfg``); unchanged for models trained with ImageNet's. Code
+        that runs the timm model's stages itself (iBOT, UDI) calls it first."""
+        if not self.renormalize:
+            return images
+        return images * self.in_scale.to(images.dtype) + self.in_shift.to(images.dtype)
 
     def check_input_size(self, size: int, key: str) -> None:
         """A ViT input side ``size`` (the config ``key``) that the patch size does not divide is a
