@@ -62,6 +62,9 @@ def test_normalisation_comes_from_the_pretrained_cfg():
     with torch.no_grad():
         torch.testing.assert_close(b.forward_patches(ours)[0], b.model.forward_features(theirs)[:, 1:])
     assert not Backbone("dinov2_vits14", model_kwargs=ONE_BLOCK).renormalize  # ImageNet statistics
+    # Presets keep the pipeline's ImageNet statistics even where timm's default tag has others
+    # (vit_tiny: random init, timm's augreg weights use 0.5 / 0.5).
+    assert not Backbone("vit_tiny", model_kwargs=ONE_BLOCK).renormalize
 
 
 @pytest.mark.parametrize("preset, timm_name", [

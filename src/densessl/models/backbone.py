@@ -4,8 +4,8 @@ Every objective, evaluator and the DSE metric talks to a backbone only through
 ``forward_patches(images) -> (tokens (B, N, D), grid (h, w))``, so ViTs and CNNs are
 interchangeable everywhere. A backbone is a preset of :data:`ARCHS` or any timm ViT (the
 ``vision_transformer``, ``deit`` and ``eva`` families: DINOv2, DINOv3, DeiT, EVA, ...) or CNN by its
-timm name; patch size, width, prefix tokens and input normalisation are read from the model and its
-``pretrained_cfg``.
+timm name; patch size, width and prefix tokens are read from the model, and a timm name's input
+normalisation from its ``pretrained_cfg`` (presets: ImageNet's, as the data pipeline).
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class Arch:
     kwargs: dict[str, Any] = field(default_factory=dict)
     family: str = "timm"  # "dinov2" enables export in the official torch.hub key layout
     hub: bool | None = None  # weights=hub is possible; None: when timm_name carries a `.tag`
+    # Input statistics of the timm name's pretrained_cfg; False: ImageNet's, as the data pipeline (the
+    # presets: their weights are ImageNet-normalised, or they are random-init models trained here).
+    cfg_stats: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -137,13 +140,14 @@ class Backbone(nn.Module):
             self.num_prefix_tokens = 0
         # The data pipeline normalises with ImageNet statistics; a model trained with others gets the
         # images re-mapped to its own (per channel: x * in_scale + in_shift), an identity for most.
-        cfg = self.model.pretrained_cfg or {}
+        cfg = (self.model.pretrained_cfg or {}) if self.arch.cfg_stats else {}
         self.mean, self.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        scale = torch.tensor(IMAGENET_STD) / torch.tensor(self.std)
-        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(self.mean)) / torch.tensor(self.std)
-        self.renormalize = not (torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3)))
-        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+        # Python floats: the model may be built on the meta device (shapes only).
+        scale = [s_in / s for s_in, s in zip(IMAGENET_STD, self.std)]
+        shift = [(m_in - m) / s for m_in, m, s in zip(IMAGENET_MEAN, self.mean, self.std)]
+        self.renormalize = any(abs(a - 1) > 1e-6 for a in scale) or any(abs(b) > 1e-6 for b in shift)
+        self.register_buffer("in_scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
         self.load_weights(weights, drop_registers=drop_registers, checkpoint_key=checkpoint_key)
         self.channels_last = channels_last and not self.is_vit
         self.model.set_grad_checkpointing(grad_checkpointing)
@@ -383,7 +387,8 @@ def timm_arch(name: str) -> Arch:
         raise ValueError(f"backbone.name={name} is neither a densessl preset ({', '.join(sorted(ARCHS))}) nor a timm "
                          f"model{f' (did you mean {near}?)' if near else ''}: list timm's with "
                          f"python -c \"import timm; print(timm.list_models('*dinov2*', pretrained=True))\"")
-    return Arch(name, family="dinov2" if "dinov2" in timm.models.get_arch_name(name) else "timm", hub=True)
+    return Arch(name, family="dinov2" if "dinov2" in timm.models.get_arch_name(name) else "timm", hub=True,
+                cfg_stats=True)
 
 
 def build_backbone(name: str, weights: str = "none", **kwargs: Any) -> Backbone:
