@@ -5,6 +5,7 @@ Examples:
   python experiments/train.py +experiment=neco_dinov2 data.root=/data/coco data.voc_root=/data/VOC2012
   python experiments/train.py +experiment=neco_dinov2 backbone.weights=none data=synthetic trainer=cpu
 """
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from densessl.cli import exit_on_user_error
+from densessl.slurm import require_launcher_plugin
 from densessl.training import format_summary, save_config, train
 
 
@@ -25,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    require_launcher_plugin(sys.argv[1:])
     main()

@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from densessl.methods.base import NonFiniteLossError
 from densessl.models import WeightsError
 
-__all__ = ["exit_on_user_error"]
+__all__ = ["config_groups", "exit_on_user_error"]
 
 # Errors caused by input: missing data, bad weights, bad options, a non-finite loss.
 USER_ERRORS = (FileNotFoundError, WeightsError, NonFiniteLossError, ValueError)
@@ -46,3 +48,20 @@ def _message(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
         return text[text.rfind(marker) + len(marker):].strip()
     return text
+
+
+def config_groups(*groups: str) -> str:
+    """``${densessl.config_groups:a,b}`` in an entry point's ``--help`` template: one line per config
+    group that applies to it, with the group's options as Hydra finds them (Hydra's own
+    ``$APP_CONFIG_GROUPS`` lists every group of the config folder, the other entry points' too)."""
+    import textwrap
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return "\n".join(textwrap.fill(f"{group}: {', '.join(loader.get_group_options(group))}", width=100,
+                                   initial_indent="  ", subsequent_indent="      ") for group in groups)
+
+
+if not OmegaConf.has_resolver("densessl.config_groups"):
+    OmegaConf.register_new_resolver("densessl.config_groups", config_groups)

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+import densessl.slurm  # noqa: F401  registers the resolvers that configs/train.yaml and trainer=ddp use
 from densessl.data.datamodule import SSLDataModule, prepare_root
 from densessl.data.datasets import skipped_files
 from densessl.options import check_keys, parse_options
@@ -167,9 +168,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from densessl.evaluation.overcluster import OverclusterOptions
     from densessl.evaluation.pictures import log_picture, result_panels
     from densessl.evaluation.protocols import evaluate_overclustering
+    from densessl.loggers import NeptuneLogger
 
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer_options)
+    if isinstance(trainer_options.get("strategy"), dict):  # a strategy with options (trainer=fsdp)
+        trainer_options["strategy"] = hydra.utils.instantiate(trainer_options["strategy"])
     L.seed_everything(cfg.seed, workers=True)
     prepare_root(cfg.data)
     # Datasets first: a wrong data root is the likelier mistake and is reported before other config errors.
@@ -183,6 +187,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                        num_workers=cfg.data.num_workers, max_images=cfg.data.max_images, seed=cfg.seed,
                        worker_init_fn=ignore_stop_signals, with_labels=model.uses_labels)
 
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # file-backed stores (MLflow's SQLite) open it first
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     if trainer_options.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -250,11 +255,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(figures, indent=2))
 
     export = run_dir / "backbone.pth"
-    if trainer.is_global_zero:
-        model.export_backbone(str(export), layout=cfg.export.layout)
+    export_eval_backbone(trainer, model, export, cfg.export.layout)
+    for lg in loggers:  # the one Neptune run of this training, open since fit for the figures above
+        if isinstance(lg, NeptuneLogger):
+            lg.close()
     summary.update(checkpoints=str(run_dir / "checkpoints"), logs=str(run_dir / "logs"),
                    config=str(run_dir / "config.yaml"), backbone=str(export))
     return summary
+
+
+def export_eval_backbone(trainer: L.Trainer, model: L.LightningModule, path: Path, layout: str) -> None:
+    """``model.eval_backbone``'s export, written by rank 0. Under FSDP its weights are sharded: every
+    rank takes part in gathering the full state dict (Lightning's; rank 0 receives it)."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        if trainer.is_global_zero:
+            model.export_backbone(str(path), layout=layout)
+        return
+    full = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        name = next(n for n, m in model.named_modules() if m is model.eval_backbone)
+        prefix = f"{name}.model."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        torch.save(model.eval_backbone.export_state_dict(layout, state=state), path)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -69,7 +69,7 @@ def test_training_logs_to_csv_and_offline_neptune(tmp_path):
            "eval_before_after=false", "trainer.log_every_n_steps=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ops = _neptune_ops(tmp_path)  # offline runs land in ./.neptune of the working directory
+    ops = _neptune_ops(tmp_path / "run" / "logs")  # offline runs land in <run folder>/logs/.neptune
     assert any(o["path"][:2] == ["parameters", "method.name"] for o in ops)  # the resolved config, dotted keys
     assert any(o["path"] == ["train", "loss"] for o in ops)
 

@@ -83,12 +83,10 @@ def test_wrong_checkpoint_and_missing_file_name_the_fix(tmp_path):
 
 def test_offline_hub_names_both_alternatives(monkeypatch):
     def offline(*args, **kwargs):
-        if kwargs.get("pretrained"):
-            raise OSError("no network")
-        return real(*args, **kwargs)
+        raise OSError("no network")
 
-    real = timm.create_model
-    monkeypatch.setattr(timm, "create_model", offline)
+    for source in ("load_state_dict_from_hf", "load_state_dict_from_url"):  # timm's downloads
+        monkeypatch.setattr(timm.models._builder, source, offline)
     with pytest.raises(WeightsError) as err:
         Backbone("dino_vits16", weights="hub", model_kwargs=dict(depth=1))
     msg = str(err.value)

@@ -1,8 +1,11 @@
 """A Lightning logger on the ``neptune`` client (Lightning dropped its own Neptune logger).
 
 Project and token come from ``NEPTUNE_PROJECT`` / ``NEPTUNE_API_TOKEN`` (or the arguments). On
-air-gapped nodes use ``mode="offline"``: the run is written under ``./.neptune/offline/`` and
-``neptune sync`` uploads it later from a connected machine. Only rank 0 creates a run.
+air-gapped nodes use ``mode="offline"``: the run is written under ``<data_directory>/offline/``
+(``logger=neptune``: ``<run folder>/logs/.neptune``) and ``neptune sync --path <run folder>/logs``
+uploads it later from a connected machine. Only rank 0 creates a run, one per training: it stays open
+after ``Trainer.fit`` (Lightning's ``finalize``) for what the training script logs afterwards (the
+before/after figures and pictures), until :meth:`close`.
 """
 from __future__ import annotations
 
@@ -25,11 +28,14 @@ class NeptuneLogger(Logger):
         name / tags / description: run metadata.
         with_id: resume logging into an existing run (e.g. after preemption).
         prefix: namespace all metrics are logged under (e.g. "training").
+        data_directory: where the client keeps its local data (offline runs, the async queue);
+            default the client's own, ``./.neptune``.
     """
 
     def __init__(self, project: str | None = None, api_token: str | None = None, mode: str = "async",
                  name: str | None = None, tags: list[str] | None = None, description: str | None = None,
-                 with_id: str | None = None, prefix: str = "", **init_kwargs: Any) -> None:
+                 with_id: str | None = None, prefix: str = "", data_directory: str | None = None,
+                 **init_kwargs: Any) -> None:
         super().__init__()
         self._init = dict(project=project or os.environ.get("NEPTUNE_PROJECT"),
                           api_token=api_token or os.environ.get("NEPTUNE_API_TOKEN"), mode=mode, name=name,
@@ -42,6 +48,7 @@ class NeptuneLogger(Logger):
                              f"access or a token use NEPTUNE_MODE=offline (or logger.neptune.mode=offline) and "
                              f"upload later with `neptune sync`")
         self._prefix = prefix.rstrip("/")
+        self.data_directory = data_directory
         self._run: Any = None
 
     @property
@@ -54,7 +61,17 @@ class NeptuneLogger(Logger):
             kwargs = {k: v for k, v in self._init.items() if v is not None}
             if kwargs.get("mode") == "offline":
                 kwargs.setdefault("project", "offline/offline")
-            self._run = neptune.init_run(**kwargs)
+            # The client takes its folder from this variable only, when the run is created.
+            previous = os.environ.get("NEPTUNE_DATA_DIRECTORY")
+            if self.data_directory is not None:
+                os.environ["NEPTUNE_DATA_DIRECTORY"] = str(self.data_directory)
+            try:
+                self._run = neptune.init_run(**kwargs)
+            finally:
+                if previous is None:
+                    os.environ.pop("NEPTUNE_DATA_DIRECTORY", None)
+                else:
+                    os.environ["NEPTUNE_DATA_DIRECTORY"] = previous
         return self._run
 
     def _key(self, name: str) -> str:
@@ -93,9 +110,16 @@ class NeptuneLogger(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
+        """End of ``Trainer.fit``: marks a failed fit and flushes, but leaves the run open (see the module)."""
         if self._run is not None:
             if status and status != "success":
                 self._run["sys/failed"] = True
+            self._run.wait()
+
+    @rank_zero_only
+    def close(self) -> None:
+        """Stop the run (the neptune client also stops open runs when the process exits)."""
+        if self._run is not None:
             self._run.stop()
             self._run = None
 
@@ -112,4 +136,6 @@ class NeptuneLogger(Logger):
 
     @property
     def save_dir(self) -> str | None:
-        return str(Path(".neptune").resolve()) if self._init["mode"] == "offline" else None
+        if self._init["mode"] != "offline":
+            return None
+        return str(Path(self.data_directory or ".neptune").resolve())

@@ -2,20 +2,30 @@
 
 Every objective, evaluator and the DSE metric talks to a backbone only through
 ``forward_patches(images) -> (tokens (B, N, D), grid (h, w))``, so ViTs and CNNs are
-interchangeable everywhere.
+interchangeable everywhere. A backbone is a preset of :data:`ARCHS` or any timm ViT (the
+``vision_transformer``, ``deit`` and ``eva`` families: DINOv2, DINOv3, DeiT, EVA, ...) or CNN by its
+timm name; patch size, width and prefix tokens are read from the model, and a timm name's input
+normalisation from its ``pretrained_cfg`` (presets: ImageNet's, as the data pipeline).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
+import timm.models
 import torch
+from timm.layers import GluMlp
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from densessl.amp import autocast_off
+from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,10 @@ class Arch:
     timm_name: str  # timm architecture; `.tag` selects the pretrained weights for weights=hub
     kwargs: dict[str, Any] = field(default_factory=dict)
     family: str = "timm"  # "dinov2" enables export in the official torch.hub key layout
+    hub: bool | None = None  # weights=hub is possible; None: when timm_name carries a `.tag`
+    # Input statistics of the timm name's pretrained_cfg; False: ImageNet's, as the data pipeline (the
+    # presets: their weights are ImageNet-normalised, or they are random-init models trained here).
+    cfg_stats: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -35,11 +49,22 @@ ARCHS: dict[str, Arch] = {
     "dinov2_vitb14": Arch("vit_base_patch14_dinov2.lvd142m", family="dinov2"),
     "dinov2_vits14_reg": Arch("vit_small_patch14_reg4_dinov2.lvd142m", family="dinov2"),
     "dinov2_vitb14_reg": Arch("vit_base_patch14_reg4_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitl14": Arch("vit_large_patch14_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitl14_reg": Arch("vit_large_patch14_reg4_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitg14": Arch("vit_giant_patch14_dinov2.lvd142m", family="dinov2"),
+    "dinov2_vitg14_reg": Arch("vit_giant_patch14_reg4_dinov2.lvd142m", family="dinov2"),
+    # DINOv3 (timm's eva family: RoPE, 4 registers); weights under Meta's DINOv3 licence.
+    "dinov3_vits16": Arch("vit_small_patch16_dinov3.lvd1689m"),
+    "dinov3_vitb16": Arch("vit_base_patch16_dinov3.lvd1689m"),
+    "dinov3_vitl16": Arch("vit_large_patch16_dinov3.lvd1689m"),
     "resnet50": Arch("resnet50.tv_in1k"),
     # Small random-init CNN for the CPU results table; output stride 8 (dilated last stages) keeps a
     # token grid as fine as a patch-8 ViT's.
     "resnet18_os8": Arch("resnet18", dict(output_stride=8)),
 }
+
+# timm families whose forward_features gives (B, prefix + N, D) tokens and that take dynamic_img_size.
+TOKEN_FAMILIES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
 
 # Prefixes that wrap backbone keys in the checkpoints people actually have: DDP (module.),
 # DINO/iBOT/NeCo heads (backbone.), MoCo/DenseCL (encoder_q.), I-JEPA (encoder.).
@@ -54,10 +79,11 @@ class Backbone(nn.Module):
     """A timm ViT or CNN exposing dense patch tokens.
 
     Args:
-        name: a key of :data:`ARCHS`.
-        weights: ``"none"`` (random init), ``"hub"`` (timm pretrained weights from the hub) or a
-            path to a checkpoint file (official DINO/DINOv2, timm, MoCo/DenseCL, a densessl
-            Lightning checkpoint or an exported state dict).
+        name: a key of :data:`ARCHS`, or a timm model name with or without its pretrained tag
+            (``vit_large_patch14_dinov2.lvd142m``, ``convnext_tiny.dinov3_lvd1689m``, ``resnet50``).
+        weights: ``"none"`` (random init), ``"hub"`` (timm pretrained weights from the hub, loaded
+            into this model) or a path to a checkpoint file (official DINO/DINOv2, timm, MoCo/DenseCL,
+            a densessl Lightning checkpoint or an exported state dict).
         img_size: nominal input size of ViTs (positional embeddings are interpolated for other
             sizes; any size the patch size divides works).
         drop_path_rate: stochastic depth of ViT blocks (linear over depth, as timm).
@@ -86,19 +112,24 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.weights_key = weights_key
-        if name not in ARCHS:
-            raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHS)} (backbone.name=...)")
-        self.name, self.arch = name, ARCHS[name]
+        self.name, self.arch = name, ARCHS.get(name) or timm_arch(name)
         kwargs = {**self.arch.kwargs, **(model_kwargs or {})}
-        self.is_vit = not name.startswith("resnet")
+        self.is_vit = timm_family(self.arch.timm_name) in TOKEN_FAMILIES
         if self.is_vit:
             kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
             if img_size is not None:
                 kwargs["img_size"] = img_size
             if drop_registers:
+                if timm_family(self.arch.timm_name) != "timm.models.vision_transformer":
+                    raise ValueError(f"backbone.drop_registers=true needs a timm vision_transformer; '{name}' is "
+                                     f"{timm_family(self.arch.timm_name)}: set backbone.drop_registers=false")
                 kwargs["reg_tokens"] = 0
                 kwargs["no_embed_class"] = False
-        self.model = timm.create_model(self.arch.timm_name, pretrained=False, num_classes=0, **kwargs)
+        try:
+            self.model = timm.create_model(self.arch.timm_name, pretrained=False, num_classes=0, **kwargs)
+        except (RuntimeError, TypeError) as err:  # a wrong pretrained tag, an option the model lacks
+            raise ValueError(f"backbone.name={name}: timm cannot build '{self.arch.timm_name}' with "
+                             f"backbone.model_kwargs={model_kwargs or {}} ({err})") from err
         if self.is_vit:
             self.patch_size = int(self.model.patch_embed.patch_size[0])
             self.embed_dim = int(self.model.embed_dim)
@@ -107,6 +138,16 @@ class Backbone(nn.Module):
             self.patch_size = int(self.model.feature_info[-1]["reduction"])  # C5 stride (32, or output_stride)
             self.embed_dim = int(self.model.num_features)
             self.num_prefix_tokens = 0
+        # The data pipeline normalises with ImageNet statistics; a model trained with others gets the
+        # images re-mapped to its own (per channel: x * in_scale + in_shift), an identity for most.
+        cfg = (self.model.pretrained_cfg or {}) if self.arch.cfg_stats else {}
+        self.mean, self.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        # Python floats: the model may be built on the meta device (shapes only).
+        scale = [s_in / s for s_in, s in zip(IMAGENET_STD, self.std)]
+        shift = [(m_in - m) / s for m_in, m, s in zip(IMAGENET_MEAN, self.mean, self.std)]
+        self.renormalize = any(abs(a - 1) > 1e-6 for a in scale) or any(abs(b) > 1e-6 for b in shift)
+        self.register_buffer("in_scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
         self.load_weights(weights, drop_registers=drop_registers, checkpoint_key=checkpoint_key)
         self.channels_last = channels_last and not self.is_vit
         self.model.set_grad_checkpointing(grad_checkpointing)
@@ -121,12 +162,18 @@ class Backbone(nn.Module):
         tokens (softmax over all tokens, registers' columns left out), as DINO's attention maps."""
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         has_cls = getattr(self.model, "cls_token", None) is not None
-        if cls_attention and not (self.is_vit and has_cls):
-            raise ValueError(f"cls_attention needs a ViT with a CLS token; backbone '{self.name}' has none")
+        if cls_attention and not (isinstance(self.model, VisionTransformer) and has_cls):
+            raise ValueError(f"cls_attention (NeCo's method.loss_mask=fg) needs a timm VisionTransformer with a CLS "
+                             f"token; backbone '{self.name}' is a {type(self.model).__name__}")
+        images = self.model_input(images)
         if not self.is_vit:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             fmap = self.model.forward_features(images)  # (B, D, h, w)
+            if fmap.ndim != 4 or fmap.shape[1] != self.embed_dim:
+                raise ValueError(f"backbone '{self.name}' ({type(self.model).__name__}) gives features of shape "
+                                 f"{tuple(fmap.shape)}, neither ViT tokens nor a (B, {self.embed_dim}, h, w) map: "
+                                 f"use a timm ViT ({', '.join(f.rsplit('.', 1)[1] for f in TOKEN_FAMILIES)}) or CNN")
             return {"patches": fmap.flatten(2).transpose(1, 2), "cls": None, "registers": None,
                     "grid": tuple(fmap.shape[-2:])}
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
@@ -146,6 +193,14 @@ class Backbone(nn.Module):
         if cls_attention:
             out["cls_attention"] = _cls_attention(self.model.blocks[-1].attn, inputs[0])[..., p:]
         return out
+
+    def model_input(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) normalised with ImageNet statistics (the data pipeline's) -> normalised
+        with the model's own (``pretrained_cfg``); unchanged for models trained with ImageNet's. Code
+        that runs the timm model's stages itself (iBOT, UDI) calls it first."""
+        if not self.renormalize:
+            return images
+        return images * self.in_scale.to(images.dtype) + self.in_shift.to(images.dtype)
 
     def check_input_size(self, size: int, key: str) -> None:
         """A ViT input side ``size`` (the config ``key``) that the patch size does not divide is a
@@ -192,28 +247,41 @@ class Backbone(nn.Module):
         self._load_state(state, source=str(path))
 
     def _load_hub(self, drop_registers: bool) -> None:
-        if "." not in self.arch.timm_name:
-            raise WeightsError(f"backbone '{self.name}' has no pretrained weights; use {self.weights_key}=none")
+        """timm's pretrained weights of this architecture, downloaded (or taken from the cache) and
+        loaded into ``self.model`` by timm's loader; no second model is built."""
+        cfg = self.model.pretrained_cfg or {}
+        allowed = self.arch.hub if self.arch.hub is not None else "." in self.arch.timm_name
+        if not allowed or not any(cfg.get(k) for k in ("url", "hf_hub_id", "file", "state_dict")):
+            raise WeightsError(f"backbone '{self.name}' has no pretrained weights in timm: use "
+                               f"{self.weights_key}=none, or a timm name with a pretrained tag "
+                               f"(timm.list_models(pretrained=True))")
+        source = f"hub:{self.arch.timm_name}"
+
+        def fit(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+            return self._fitted_state(_drop_register_tokens(state) if drop_registers else state, source)
+
         try:
-            donor = timm.create_model(self.arch.timm_name, pretrained=True, num_classes=0)
+            timm.models.load_pretrained(self.model, num_classes=0, filter_fn=fit, strict=True)
+        except WeightsError:
+            raise
         except Exception as err:  # network errors come in many types (OSError, HTTP, hub-specific)
-            cfg = timm.get_pretrained_cfg(self.arch.timm_name)
-            url = (cfg.url if cfg else None) or f"https://huggingface.co/{cfg.hf_hub_id if cfg else self.arch.timm_name}"
+            url = cfg.get("url") or f"https://huggingface.co/{cfg.get('hf_hub_id') or self.arch.timm_name}"
+            reason = str(err).splitlines()[0] if str(err) else ""
             raise WeightsError(
-                f"could not download pretrained weights for '{self.name}' (timm '{self.arch.timm_name}'): "
-                f"{type(err).__name__}: {err}.\nThis machine may be offline. Either download the "
-                f"checkpoint elsewhere (e.g. {url}) and set {self.weights_key}=/path/to/checkpoint.pth, "
-                f"or train from scratch with {self.weights_key}=none.") from err
-        state = donor.state_dict()
-        if drop_registers:
-            state = _drop_register_tokens(state)
-        self._load_state(state, source=f"hub:{self.arch.timm_name}")
+                f"could not download pretrained weights for '{self.name}' (timm '{self.arch.timm_name}'; "
+                f"{type(err).__name__}: {reason}); this machine may be offline: download the checkpoint elsewhere "
+                f"(e.g. {url}) and set {self.weights_key}=/path/to/checkpoint.pth, or train from scratch with "
+                f"{self.weights_key}=none") from err
 
     def _load_state(self, state: dict[str, Tensor], source: str) -> None:
-        if self.is_vit:
-            from timm.models.vision_transformer import checkpoint_filter_fn
+        self.model.load_state_dict(self._fitted_state(state, source), strict=True)
 
-            state = checkpoint_filter_fn(state, self.model)  # DINOv2 key layout, pos-embed resampling
+    def _fitted_state(self, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+        """``state`` in this model's key layout (the timm family's own checkpoint filter: DINOv2/DINOv3
+        official keys, pos-embed resampling), checked to fit it exactly (else a WeightsError)."""
+        family_filter = getattr(inspect.getmodule(type(self.model)), "checkpoint_filter_fn", None)
+        if family_filter is not None:
+            state = family_filter(state, self.model)
         own = self.model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "mask_token"))}
         missing = sorted(set(own) - set(state))
@@ -225,18 +293,22 @@ class Backbone(nn.Module):
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''}, shape mismatch {mismatched[:5]}. "
                 f"Check backbone.name matches the checkpoint's architecture.")
-        self.model.load_state_dict(state, strict=True)
+        return state
 
     # ------------------------------------------------------------------ export
-    def export_state_dict(self, layout: str = "timm") -> dict[str, Tensor]:
+    def export_state_dict(self, layout: str = "timm", state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """A plain state dict: ``layout="timm"`` loads strictly into the matching timm model,
-        ``layout="dinov2"`` into the official torch.hub DINOv2 model (``facebookresearch/dinov2``)."""
-        state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        ``layout="dinov2"`` into the official torch.hub DINOv2 model (``facebookresearch/dinov2``).
+        ``state``: this model's timm state dict gathered elsewhere (a sharded run), else its own."""
+        state = {k: v.detach().clone().cpu() for k, v in (state or self.model.state_dict()).items()}
         if layout == "timm":
             return state
         if layout != "dinov2" or self.arch.family != "dinov2":
             raise ValueError(f"layout '{layout}' is not available for backbone '{self.name}' (use 'timm')")
-        out = dict(state)  # S/B/L DINOv2 blocks share timm's key names (only ViT-g's SwiGLU differs)
+        # S/B/L DINOv2 blocks share timm's key names; ViT-g's SwiGLU is w12/w3 officially, fc1/fc2 in timm.
+        swiglu = isinstance(self.model.blocks[0].mlp, GluMlp)
+        out = {re.sub(r"\.mlp\.fc([12])\.", lambda m: ".mlp.w12." if m[1] == "1" else ".mlp.w3.", k)
+               if swiglu else k: v for k, v in state.items()}
         if "reg_token" in out:
             # timm folds the class position into cls_token for register models (no_embed_class);
             # the official layout keeps a class slot in pos_embed: give it zero so cls + pos[0] is unchanged.
@@ -301,6 +373,22 @@ def _drop_register_tokens(state: dict[str, Tensor]) -> dict[str, Tensor]:
         pos = state["pos_embed"]
         state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     return state
+
+
+def timm_family(timm_name: str) -> str:
+    """The timm module that defines the architecture (``timm.models.vision_transformer``, ...)."""
+    return timm.models.model_entrypoint(timm.models.get_arch_name(timm_name)).__module__
+
+
+def timm_arch(name: str) -> Arch:
+    """``backbone.name`` given as a timm model name: its Arch (DINOv2 names export the official layout)."""
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, [*ARCHS, *timm.list_models(pretrained=True)], n=3, cutoff=0.6)
+        raise ValueError(f"backbone.name={name} is neither a densessl preset ({', '.join(sorted(ARCHS))}) nor a timm "
+                         f"model{f' (did you mean {near}?)' if near else ''}: list timm's with "
+                         f"python -c \"import timm; print(timm.list_models('*dinov2*', pretrained=True))\"")
+    return Arch(name, family="dinov2" if "dinov2" in timm.models.get_arch_name(name) else "timm", hub=True,
+                cfg_stats=True)
 
 
 def build_backbone(name: str, weights: str = "none", **kwargs: Any) -> Backbone:

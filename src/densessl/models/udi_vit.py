@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from densessl.models.backbone import Backbone
@@ -68,14 +69,16 @@ class UDIViT(Backbone):
 
     def __init__(self, backbone: Backbone, srs_heads: int | None = None) -> None:
         model = backbone.model
-        if not backbone.is_vit or getattr(model, "cls_token", None) is None:
-            raise ValueError(f"UDI needs a ViT with a class token; backbone '{backbone.name}' has none "
-                             f"(pick a ViT backbone, e.g. backbone=vit_small_p16)")
+        if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
+            raise ValueError(f"UDI needs a timm VisionTransformer with a class token; backbone '{backbone.name}' "
+                             f"is a {type(model).__name__} (pick one, e.g. backbone=vit_small_p16 or dinov2_vits14)")
         if not isinstance(model.patch_drop, nn.Identity):
             raise ValueError("UDI does not support patch dropout (set model_kwargs.patch_drop_rate=0)")
         nn.Module.__init__(self)
         vars(self).update({k: v for k, v in vars(backbone).items() if not k.startswith("_") and k != "training"})
         self.model = model
+        for name in ("in_scale", "in_shift"):  # the input re-normalisation (Backbone.model_input)
+            self.register_buffer(name, getattr(backbone, name), persistent=False)
         self.cls_plus_token = nn.Parameter(torch.empty(1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.cls_plus_token, std=0.02)
         self.srs = SRSAttention(self.embed_dim, srs_heads or int(model.blocks[-1].attn.num_heads))
@@ -85,7 +88,7 @@ class UDIViT(Backbone):
         patches (B, N, D) after the final norm, last (B, N, D) last-block patch tokens before it, grid)."""
         m = self.model
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        x = m._pos_embed(m.patch_embed(images))  # (B, 1 + R + N, D), the class token first
+        x = m._pos_embed(m.patch_embed(self.model_input(images)))  # (B, 1 + R + N, D), the class token first
         x = torch.cat([x[:, :1], self.cls_plus_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
         x = m.blocks(m.norm_pre(x))
         out = m.norm(x)
