@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.forked_runs import launch
-from test_cli import QUICK_TINY, ROOT
+from helpers.tiny_runs import QUICK_TINY, ROOT
 
 BEFORE_AFTER = ["eval_before_after=true", "overcluster.image_size=64", "overcluster.mask_size=64", "overcluster.ks=[7]",
                 "overcluster.seeds=[0]", "overcluster.pca_dim=8", "overcluster.niter=5", "overcluster.nredo=1",

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from test_resume import HELPERS, RUN, SLURM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py")]
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
 from densessl.models import ARCHS, Backbone, WeightsError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ONE_BLOCK = dict(depth=1)
 
 
@@ -153,7 +153,7 @@ def test_vit_giant_exports_the_official_swiglu_keys_and_reloads(tmp_path):
 def test_train_cli_takes_a_timm_name(tmp_path):
     """experiments/train.py with backbone.name=<timm name> (DINOv3's eva family, one block) trains and exports."""
     from helpers.forked_runs import launch
-    from test_resume import RUN
+    from cli.test_resume import RUN
 
     spec = {"args": [*RUN, f"hydra.run.dir={tmp_path / 'run'}", "backbone.name=vit_small_patch16_dinov3",
                      "trainer.max_epochs=1"], "env": {"DENSESSL_CACHE": str(tmp_path / "cache")},

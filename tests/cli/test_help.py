@@ -5,7 +5,7 @@ import os
 import pytest
 
 from helpers.forked_runs import launch
-from test_cli import ROOT
+from helpers.tiny_runs import ROOT
 
 SCRIPTS = ["experiments/train.py", "evaluation/overcluster.py", "evaluation/linear.py", "evaluation/retrieval.py",
            "evaluation/dse.py"]
