@@ -40,6 +40,7 @@ ROWS: dict[str, list[str] | dict] = {
     "neco_dse": ["+experiment=quickstart", "dse.regularizer.weight=0.001"],
     "densecl_dse": ["+experiment=densecl_quickstart", "dse.regularizer.weight=0.001"],
     "supervised": ["+experiment=supervised_quickstart"],
+    "supervised_cnn": ["+experiment=supervised_cnn_quickstart"],
 }
 COLUMNS = ("linear", "k_classes", "k20", "hbird", "dse", "gap", "train_s")
 

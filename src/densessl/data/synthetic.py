@@ -2,10 +2,11 @@
 
 A small, fast, fully deterministic stand-in for VOC used by tests, smoke runs and CI. Each image
 has a cluttered background (class 0) and 2-5 objects. An object's class is given by its SHAPE and
-its TEXTURE together. Each scene draws three colours from one palette shared by all classes; the
-background and every object are painted with those three, so colour says nothing about the class
-(across scenes) nor about which object a patch belongs to (within a scene): only texture and shape
-do. Objects span several 16-px patches and their textures repeat every 12-20 px at 224 px (periods
+its TEXTURE together. Every scene, its background and every object are painted with the same four
+colours, so colour says nothing about the class, nor about which object a patch belongs to, nor
+about which image it comes from: only texture and shape do. (Version 2 drew three colours per scene
+from a palette of twelve; those three identified the image, so even random-init tokens were image
+codes, and instance-level objectives could separate images by colour alone.) Objects span several 16-px patches and their textures repeat every 12-20 px at 224 px (periods
 scale with ``size``), so they survive the 2-3x downscaling of training crops.
 Later objects occlude earlier ones; as in VOC, a band of 255 (ignore) surrounds every object
 boundary in both the class and the instance masks.
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 # Bump when the rendering changes so cached copies are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Written last into every generated folder: the only licence to replace a folder's contents.
 MARKER = ".densessl-synthetic"
 
@@ -67,19 +68,10 @@ _CLASS_SPECS: tuple[tuple[str, str], ...] = (
 )
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(name for name, _ in _CLASS_SPECS)
 
-# Shared by every class and the background (RGB): colour carries no class information.
-_PALETTE = np.array(
-    [
-        [220, 40, 40], [40, 170, 60], [50, 80, 220], [235, 210, 40], [40, 200, 210],
-        [200, 50, 190], [240, 140, 30], [120, 60, 170], [235, 235, 235], [60, 60, 60],
-        [140, 90, 50], [30, 120, 120],
-    ],
-    dtype=np.float32,
-)
+# The dataset-wide palette (RGB), shared by every scene, class and the background.
+_PALETTE = np.array([[220, 40, 40], [40, 170, 60], [50, 80, 220], [235, 210, 40]], dtype=np.float32)
 
 _IGNORE = 255
-# Colours of one scene (background and objects): within a scene colour cannot tell objects apart.
-_COLOURS_PER_SCENE = 3
 _MIN_VISIBLE_FRACTION = 0.4  # of an object's own area that must stay unoccluded
 _MAX_LAYOUT_TRIES = 200
 # Object radius as a fraction of the image side: at 224 px, diameters of 3.6-7 patches of 16 px.
@@ -226,7 +218,7 @@ def _render(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: image (S, S, 3) uint8, class mask (S, S) uint8, instance mask (S, S) uint8."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    colours = _PALETTE[rng.choice(len(_PALETTE), size=_COLOURS_PER_SCENE, replace=False)]
+    colours = _PALETTE[rng.choice(len(_PALETTE), size=len(_PALETTE), replace=False)]  # all four, shuffled
     img = _background(size, colours, rng)
     objects = _layout(size, num_classes, rng, yy, xx)
     cls_mask = np.zeros((size, size), dtype=np.uint8)
