@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS: dict[str, list[str] | dict] = {
     "random": {"preset": "quickstart"},  # the ViT of the quickstart presets
     "random_cnn": {"name": "resnet18_os8", "weights": "none"},
+    # The same CNN after 40 DenseCL steps at lr 0: weights untouched, BatchNorm statistics estimated on the
+    # training crops. The fair untrained baseline of the CNN rows (random_cnn evaluates BN at mean 0, var 1).
+    "random_cnn_bn": ["+experiment=densecl_cnn_quickstart", "method.optim.lr=0.0", "trainer.max_steps=40"],
     "neco": ["+experiment=quickstart"],
     "ibot": ["+experiment=ibot_quickstart", "method.decoupling=false"],
     "ibot_dc": ["+experiment=ibot_quickstart", "method.decoupling=true"],
