@@ -336,83 +336,71 @@ def _terms(
     backward in bfloat16 (measured: gradients off by ~25 % of their largest entry).
     """
     with autocast_off(features.device):
-        return _terms_full_precision(features, rules, options, work, store, generator)
+        B, N, D = features.shape
+        G = options.group_size or max(options.global_clusters // options.local_clusters, 1)
+        variant = options.variant
 
+        y, mean, norms = _centre(features, options.normalize, work, store)
+        if not torch.isfinite(mean).all():  # any NaN/inf token reaches the mean
+            raise ValueError("DSE got non-finite features (NaN/inf); check the backbone output")
+        s = norms.mean()
+        if rules.eps:
+            s = s + rules.eps
+        else:
+            rms = (norms.square().mean() + mean.square().sum()).sqrt()
+            if s <= _COLLAPSE_RATIO * rms:  # also all-zero features
+                warnings.warn(
+                    f"DSE: features are (nearly) collapsed: mean distance to the batch-mean token is "
+                    f"{(s / rms).item():.2e} x the rms token norm, so the s-normalised terms mostly "
+                    "measure noise",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            s = s.clamp_min(1e-12 * rms + torch.finfo(s.dtype).tiny)
+        scale = s if variant == "code" else torch.ones_like(s)  # paper: no division by s
+        run = dict(options=options, work=work, rules=rules, generator=generator)
 
-def _terms_full_precision(
-    features: Tensor,
-    rules: _Rules,
-    options: DSEOptions,
-    work: torch.dtype,
-    store: torch.dtype,
-    generator: torch.Generator,
-) -> dict[str, Tensor]:
-    """:func:`_terms` with autocast already off."""
-    B, N, D = features.shape
-    G = options.group_size or max(options.global_clusters // options.local_clusters, 1)
-    variant = options.variant
+        # M_intra_img: one k-means per image.
+        _, css, valid = _clusters(y, options.local_clusters, with_inter=False, **run)
+        has = valid.any(1)
+        per_image = css.sum(1) / valid.sum(1).clamp_min(1)
+        if rules.img_default is not None:
+            intra_img = torch.where(has, per_image, rules.img_default).mean() / scale
+        else:
+            intra_img = per_image[has].mean() / scale if has.any() else s.new_zeros(())
 
-    y, mean, norms = _centre(features, options.normalize, work, store)
-    if not torch.isfinite(mean).all():  # any NaN/inf token reaches the mean
-        raise ValueError("DSE got non-finite features (NaN/inf); check the backbone output")
-    s = norms.mean()
-    if rules.eps:
-        s = s + rules.eps
-    else:
-        rms = (norms.square().mean() + mean.square().sum()).sqrt()
-        if s <= _COLLAPSE_RATIO * rms:  # also all-zero features
-            warnings.warn(
-                f"DSE: features are (nearly) collapsed: mean distance to the batch-mean token is "
-                f"{(s / rms).item():.2e} x the rms token norm, so the s-normalised terms mostly "
-                "measure noise",
-                RuntimeWarning,
-                stacklevel=5,
+        # M_inter and M_intra_batch: one k-means per group of G consecutive images.
+        full = B // G * G
+        groups = [y[:full].reshape(B // G, G * N, D)] if full else []
+        if full < B:
+            groups.append(y[full:].reshape(1, (B - full) * N, D))
+        inter, css_all = [], []
+        for x in groups:
+            group_inter, css, valid = _clusters(x, options.global_clusters, with_inter=True, **run)
+            inter.append(group_inter)
+            css_all.append(css[valid])
+        inter = torch.cat(inter).mean() / scale
+        css_all = torch.cat(css_all)
+        if len(css_all):
+            intra_batch = css_all.mean() / scale
+        else:
+            intra_batch = s.new_ones(()) / (scale if rules.batch_default_scaled else 1)
+
+        normalise_er = variant == "code"  # paper: Erank not divided by min(n, d)
+        if rules.all_token_dim:
+            dim = erank((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
+        else:
+            # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
+            perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : options.rank_draws or N]
+            rows = torch.arange(B, device=y.device)
+            ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
+                lambda draws: erank(y[rows, draws].to(work) + mean, normalise=normalise_er),
+                perm.mT.split(max(1, _CHUNK_BYTES // (B * D * 8))),
+                y.device,
             )
-        s = s.clamp_min(1e-12 * rms + torch.finfo(s.dtype).tiny)
-    scale = s if variant == "code" else torch.ones_like(s)  # paper: no division by s
-    run = dict(options=options, work=work, rules=rules, generator=generator)
+            dim = torch.cat(ers).mean()
 
-    # M_intra_img: one k-means per image.
-    _, css, valid = _clusters(y, options.local_clusters, with_inter=False, **run)
-    has = valid.any(1)
-    per_image = css.sum(1) / valid.sum(1).clamp_min(1)
-    if rules.img_default is not None:
-        intra_img = torch.where(has, per_image, rules.img_default).mean() / scale
-    else:
-        intra_img = per_image[has].mean() / scale if has.any() else s.new_zeros(())
-
-    # M_inter and M_intra_batch: one k-means per group of G consecutive images.
-    full = B // G * G
-    groups = [y[:full].reshape(B // G, G * N, D)] if full else []
-    if full < B:
-        groups.append(y[full:].reshape(1, (B - full) * N, D))
-    inter, css_all = [], []
-    for x in groups:
-        group_inter, css, valid = _clusters(x, options.global_clusters, with_inter=True, **run)
-        inter.append(group_inter)
-        css_all.append(css[valid])
-    inter = torch.cat(inter).mean() / scale
-    css_all = torch.cat(css_all)
-    if len(css_all):
-        intra_batch = css_all.mean() / scale
-    else:
-        intra_batch = s.new_ones(()) / (scale if rules.batch_default_scaled else 1)
-
-    normalise_er = variant == "code"  # paper: Erank not divided by min(n, d)
-    if rules.all_token_dim:
-        dim = erank((y.to(work) + mean).reshape(B * N, D), sum_eps=rules.eps, normalise=normalise_er)
-    else:
-        # Row b of draw n is token perm_b(n) of image b: one i.i.d. token per image.
-        perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : options.rank_draws or N]
-        rows = torch.arange(B, device=y.device)
-        ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
-            lambda draws: erank(y[rows, draws].to(work) + mean, normalise=normalise_er),
-            perm.mT.split(max(1, _CHUNK_BYTES // (B * D * 8))),
-            y.device,
-        )
-        dim = torch.cat(ers).mean()
-
-    return {"inter": inter, "intra_img": intra_img, "intra_batch": intra_batch, "dim": dim}
+        return {"inter": inter, "intra_img": intra_img, "intra_batch": intra_batch, "dim": dim}
 
 
 def _combine(inter: Tensor, intra_img: Tensor, intra_batch: Tensor, dim: Tensor) -> Tensor:
