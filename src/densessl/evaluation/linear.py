@@ -33,11 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densessl.data.datasets import SegTransform
-from densessl.evaluation.datasets import WithTransform, dataset_num_classes
+from densessl.evaluation.datasets import WithTransform, dataset_num_classes, seg_loader
 from densessl.evaluation.features import extract_dense_features
 from densessl.evaluation.metrics import confusion_matrix, iou_from_confusion, miou
 from densessl.evaluation.overcluster import resize_masks
-from densessl.evaluation.protocols import seg_loader
 
 __all__ = ["LinearResult", "LinearSegmentation", "linear_logits", "train_linear"]
 

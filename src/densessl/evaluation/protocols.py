@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
-from densessl.data.datasets import SegTransform
-from densessl.evaluation.datasets import WithTransform
+from densessl.evaluation.datasets import first_images, seg_loader
 from densessl.evaluation.features import extract_dense_features
+from densessl.evaluation.linear import LinearResult, train_linear
 from densessl.evaluation.overcluster import OverclusterOptions, OverclusterResult, overcluster
+from densessl.evaluation.retrieval import RetrievalResult, hummingbird
 from densessl.metrics import DSEOptions, DSEResult, dse_over_batches
 from densessl.options import check_keys, with_overrides
 
-if TYPE_CHECKING:  # runtime imports are deferred: linear.py imports this module's seg_loader
-    from densessl.evaluation.linear import LinearResult
-    from densessl.evaluation.retrieval import RetrievalResult
 
 logger = logging.getLogger(__name__)
-
-
-def seg_loader(dataset: Any, image_size: int, batch_size: int, num_workers: int = 0,
-               max_images: int | None = None) -> DataLoader:
-    """(image resized to image_size and normalised, mask nearest-resized to image_size) batches."""
-    return DataLoader(WithTransform(_first(dataset, max_images), SegTransform(image_size)), batch_size=batch_size,
-                      num_workers=num_workers, shuffle=False)
 
 
 def evaluate_overclustering(backbone: Any, dataset: Any, options: OverclusterOptions | None = None, *,
@@ -45,22 +36,12 @@ def evaluate_overclustering(backbone: Any, dataset: Any, options: OverclusterOpt
     return overcluster(features, num_classes, options, progress=progress)
 
 
-def _first(dataset: Any, max_images: int | None) -> Any:
-    if max_images is None:
-        return dataset
-    from torch.utils.data import Subset
-
-    return Subset(dataset, range(min(max_images, len(dataset))))
-
-
 def evaluate_linear(backbone: Any, train_dataset: Any, val_dataset: Any, *, max_train_images: int | None = None,
                     max_val_images: int | None = None, **options: Any) -> LinearResult:
     """Linear segmentation probe of the frozen ``backbone`` (``densessl.evaluation.linear.train_linear``;
     datasets yield (PIL image, PIL mask); ``options`` are train_linear's, e.g. image_size, epochs,
     augment, cache_features, device)."""
-    from densessl.evaluation.linear import train_linear
-
-    return train_linear(backbone, _first(train_dataset, max_train_images), _first(val_dataset, max_val_images),
+    return train_linear(backbone, first_images(train_dataset, max_train_images), first_images(val_dataset, max_val_images),
                         **options)
 
 
@@ -68,9 +49,7 @@ def evaluate_retrieval(backbone: Any, train_dataset: Any, val_dataset: Any, *, m
                        max_val_images: int | None = None, **options: Any) -> RetrievalResult:
     """Hummingbird dense NN retrieval of the frozen ``backbone`` (``densessl.evaluation.retrieval.hummingbird``;
     ``options`` are hummingbird's, e.g. image_size, memory_size, augmentation_epochs, k, gpu)."""
-    from densessl.evaluation.retrieval import hummingbird
-
-    return hummingbird(backbone, _first(train_dataset, max_train_images), _first(val_dataset, max_val_images),
+    return hummingbird(backbone, first_images(train_dataset, max_train_images), first_images(val_dataset, max_val_images),
                        **options)
 
 
