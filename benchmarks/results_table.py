@@ -5,7 +5,7 @@
     python benchmarks/results_table.py --rows random neco supervised --seeds 0
 
 Rows are training presets (``configs/experiment/*.yaml``) plus overrides; ``random`` is the untrained
-backbone. Columns (mean +- std over seeds, %): linear probe mIoU at full resolution (converged probe:
+backbone; ``neco_post_cnn`` post-trains the backbone of the ``densecl_cnn`` row's seed 0. Columns (mean +- std over seeds, %): linear probe mIoU at full resolution (converged probe:
 L-BFGS on cached tokens, ``evaluation/linear.py eval.options.solver=lbfgs``), overclustering mIoU at
 K = #classes (Hungarian) and at K = 20 (many-to-one), Hummingbird retrieval mIoU, DSE of the final
 backbone, the image-vs-class gap (below), training seconds. Each run keeps its folder under ``--out`` (checkpoints, exported backbone,
@@ -44,7 +44,12 @@ ROWS: dict[str, list[str] | dict] = {
     "densecl_dse": ["+experiment=densecl_quickstart", "dse.regularizer.weight=0.001"],
     "supervised": ["+experiment=supervised_quickstart"],
     "supervised_cnn": ["+experiment=supervised_cnn_quickstart"],
+    # NeCo as post-training: every seed starts from the same pretrained backbone (below), so its spread is
+    # that of NeCo's own training seed.
+    "neco_post_cnn": ["+experiment=neco_cnn_post"],
 }
+# post-training row -> (row, seed) whose trained backbone it starts from (trained first if needed)
+STARTS: dict[str, tuple[str, int]] = {"neco_post_cnn": ("densecl_cnn", 0)}
 COLUMNS = ("linear", "k_classes", "k20", "hbird", "dse", "gap", "train_s")
 
 
@@ -146,6 +151,10 @@ def main() -> None:
                        if row.get("preset") == "quickstart" else row)
                 backbone, seconds = load_backbone(cfg), 0.0
             else:
+                if name in STARTS:
+                    start_row, start_seed = STARTS[name]
+                    start = train(start_row, [*ROWS[start_row], *args.extra], start_seed, args.out)
+                    row = [*row, f"backbone.weights={start / 'backbone.pth'}"]
                 run = train(name, [*row, *args.extra], seed, args.out)
                 backbone = load_backbone({}, str(run))
                 seconds = json.loads((run / "summary.json").read_text())["train_seconds"]
