@@ -5,10 +5,11 @@
     python benchmarks/results_table.py --rows random neco supervised --seeds 0
 
 Rows are training presets (``configs/experiment/*.yaml``) plus overrides; ``random`` is the untrained
-backbone; ``neco_post_cnn`` post-trains the backbone of the ``densecl_cnn`` row's seed 0. Columns (mean +- std over seeds, %): linear probe mIoU at full resolution (converged probe:
-L-BFGS on cached tokens, ``evaluation/linear.py eval.options.solver=lbfgs``), overclustering mIoU at
-K = #classes (Hungarian) and at K = 20 (many-to-one), Hummingbird retrieval mIoU, DSE of the final
-backbone, the image-vs-class gap (below), training seconds. Each run keeps its folder under ``--out`` (checkpoints, exported backbone,
+backbone; ``neco_post_cnn`` post-trains the backbone of the ``densecl_cnn`` row's seed 0. Columns (mean +-
+std over seeds, %): linear probe mIoU at full resolution (converged probe: L-BFGS on cached tokens,
+``evaluation/linear.py eval.options.solver=lbfgs``), overclustering mIoU at K = #classes (Hungarian) and
+at K = 20 (many-to-one), Hummingbird retrieval mIoU, DSE of the final backbone, the image-vs-class gap
+(below), training seconds. Each run keeps its folder under ``--out`` (checkpoints, exported backbone,
 config); a cluster-map panel per row is written next to the table. Everything is printed and saved as
 ``results.csv`` / ``results.md``.
 """

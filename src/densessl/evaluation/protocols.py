@@ -41,16 +41,16 @@ def evaluate_linear(backbone: Any, train_dataset: Any, val_dataset: Any, *, max_
     """Linear segmentation probe of the frozen ``backbone`` (``densessl.evaluation.linear.train_linear``;
     datasets yield (PIL image, PIL mask); ``options`` are train_linear's, e.g. image_size, epochs,
     augment, cache_features, device)."""
-    return train_linear(backbone, first_images(train_dataset, max_train_images), first_images(val_dataset, max_val_images),
-                        **options)
+    return train_linear(backbone, first_images(train_dataset, max_train_images),
+                        first_images(val_dataset, max_val_images), **options)
 
 
 def evaluate_retrieval(backbone: Any, train_dataset: Any, val_dataset: Any, *, max_train_images: int | None = None,
                        max_val_images: int | None = None, **options: Any) -> RetrievalResult:
     """Hummingbird dense NN retrieval of the frozen ``backbone`` (``densessl.evaluation.retrieval.hummingbird``;
     ``options`` are hummingbird's, e.g. image_size, memory_size, augmentation_epochs, k, gpu)."""
-    return hummingbird(backbone, first_images(train_dataset, max_train_images), first_images(val_dataset, max_val_images),
-                       **options)
+    return hummingbird(backbone, first_images(train_dataset, max_train_images),
+                       first_images(val_dataset, max_val_images), **options)
 
 
 def load_backbone(backbone_cfg: dict[str, Any], weights: str | None = None) -> Any:
