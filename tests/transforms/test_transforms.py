@@ -72,6 +72,23 @@ def test_color_augment_keeps_shape_and_normalises():
     assert ColorAugment()(x).shape == (4, 3, 16, 16)
 
 
+def test_color_augment_channel_shuffle_and_invert_remap_colours_only():
+    from densessl.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    x = torch.zeros(64, 3, 4, 4, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 200, 100, 0  # one colour per channel: a permutation is visible
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    plain = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    rgb = (ColorAugment(**plain, channel_shuffle_p=1.0)(x) * std + mean) * 255
+    # every pixel keeps its three values in some order, the same order over the image; not always RGB
+    assert torch.allclose(rgb.sort(dim=1).values, torch.tensor([0.0, 100, 200]).view(1, 3, 1, 1).expand_as(rgb), atol=1e-3)
+    assert torch.allclose(rgb, rgb[:, :, :1, :1].expand_as(rgb))
+    assert len({tuple(v) for v in rgb[:, :, 0, 0].round().tolist()}) > 2
+    inv = (ColorAugment(**plain, invert_p=1.0)(x) * std + mean) * 255
+    torch.testing.assert_close(inv, 255 - x.float(), atol=1e-3, rtol=0)
+
+
 def test_foreground_mask_keeps_the_attended_blob_and_drops_specks():
     from densessl.transforms.masks import foreground_mask
 

@@ -14,11 +14,18 @@ class ColorAugment(nn.Module):
     ColorJitter(b, c, s, h) with p=``jitter_p``, grayscale p, Gaussian blur sigma~U(0.1, 2) with p,
     optional solarisation, then ImageNet normalisation. Defaults follow NeCo's reference
     (jitter 0.8/0.8/0.8/0.2 with p=0.8, grayscale 0.2, blur 0.5, no solarise).
+
+    ``channel_shuffle_p`` (a random RGB permutation) and ``invert_p`` (255 - x) are off by default, as in
+    every reference: they are for data whose colours are a nuisance by construction, like the synthetic
+    scenes, where every object is painted with random colours of one palette. There, a view pair that
+    keeps its colours lets an objective match views by colour alone, and training makes the tokens *more*
+    colour-coded (README, "Does training improve dense features?").
     """
 
     def __init__(self, brightness: float = 0.8, contrast: float = 0.8, saturation: float = 0.8, hue: float = 0.2,
                  jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.5,
-                 blur_sigma: tuple[float, float] = (0.1, 2.0), solarize_p: float = 0.0) -> None:
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), solarize_p: float = 0.0,
+                 channel_shuffle_p: float = 0.0, invert_p: float = 0.0) -> None:
         super().__init__()
         self.blur_p, self.blur_sigma = blur_p, tuple(blur_sigma)
         ops: list[nn.Module] = []
@@ -26,6 +33,10 @@ class ColorAugment(nn.Module):
             ops.append(K.ColorJitter(brightness, contrast, saturation, hue, p=jitter_p))
         if grayscale_p > 0:
             ops.append(K.RandomGrayscale(p=grayscale_p))
+        if channel_shuffle_p > 0:
+            ops.append(K.RandomChannelShuffle(p=channel_shuffle_p))
+        if invert_p > 0:
+            ops.append(K.RandomInvert(p=invert_p))
         self.ops = nn.Sequential(*ops)
         self.solarize = K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p) if solarize_p > 0 else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
