@@ -35,8 +35,8 @@ CPU cores one A100 needs for ``+experiment=neco_dinov2`` (batch 64, colour on th
 The GPU rate is a parameter (``--gpu-images-per-s``). Its default, 150 images/s, is an estimate for
 ViT-S/14 at 2 x 518 + 4 x 98 with bf16: ~0.77 TFLOP per image (student forward + backward on all crops,
 teacher forward on the globals) at ~40 % of the A100's 312 TFLOP/s gives ~160, rounded down; measure
-it with a GPU run's steps/s x 64 and pass it in. A worker count above ``cores`` leaves no headroom
-for the main process (pinned-memory copies, logging).
+it with a GPU run's steps/s x 64 and pass it in. Give the loader ceil(cores) workers
+(``data.num_workers``) and the main process a core of its own (pinned-memory copies, logging).
 
 Also printed: how often JPEG reduced-size decoding (``Image.draft``: DCT scaling by 2, 4 or 8) could
 apply, i.e. how many images have every crop at >= 2x its output size on both axes. At 640 x 480 that
