@@ -107,8 +107,8 @@ class MultiCropWithBoxes:
     def resized_crop(self, image: Image.Image, pixels: Tensor, box: tuple[float, ...], size: int) -> Tensor:
         """uint8 (3, size, size) of ``box``: crop, then antialiased resize, as torchvision's resized_crop.
 
-        torch's uint8 resize matches PIL's crop + resize within 1-2 grey levels at 2-4x its speed on one
-        core. It needs whole-pixel boxes (sample_box and _shrink_into give those); a fractional box
+        torch's uint8 resize of a channels-last image matches PIL's crop + resize within 1-2 grey levels
+        at 3-5x its speed on one core (0.3 vs 1.5 ms for a 518 px crop). It needs whole-pixel boxes (sample_box and _shrink_into give those); a fractional box
         (UDI's shifted views) goes through PIL's sub-pixel ``resize(box=...)``.
         """
         if not all(float(v).is_integer() for v in box):
