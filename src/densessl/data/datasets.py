@@ -143,7 +143,9 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return (_to_8bit(im) if im.mode in _HIGH_BIT_MODES else im).convert("RGB")
+            im = _to_8bit(im) if im.mode in _HIGH_BIT_MODES else im
+            # An RGB file is returned as decoded: convert("RGB") would only copy it.
+            return im if im.mode == "RGB" else im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for bad/truncated files
         raise BadImageError(f"cannot read image {path}: {err}") from err
 
