@@ -131,7 +131,7 @@ def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_error
     assert torch.equal(dist, torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="at least 39 \\* nlist = 312 rows"):
         IVFSearch(torch.randn(100, 4), nlist=8)
-    with pytest.raises(ValueError, match="search must be one of \\('exact', 'ivf'\\)"):
+    with pytest.raises(ValueError, match="search must be one of \\('exact', 'exact_bf16', 'ivf'\\)"):
         hummingbird(None, [], [], search="hnsw")
 
 
