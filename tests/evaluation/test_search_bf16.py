@@ -57,7 +57,7 @@ def test_random_normalised_data_same_rows_and_similarities_as_faiss(rows):
     search = Bf16ExactSearch(memory, block_rows=1024, candidates=16, group=16, query_rows=32)
     assert_same_as_faiss(search, memory, queries, 10)
     assert_same_as_faiss(search, memory, queries, 20)  # k > candidates: C becomes k
-    assert search.fallbacks == 0
+    assert search.widened == search.fallbacks == 0
     half = memory.half()  # a float16 memory: the same answer as faiss on its float32 values
     assert_same_as_faiss(Bf16ExactSearch(half, block_rows=1024, candidates=16), half, queries, 10)
 
@@ -69,19 +69,21 @@ def test_near_ties_are_ordered_by_the_float32_rescoring():
     check_premise(memory, queries, 10)
     search = Bf16ExactSearch(memory, block_rows=1024, candidates=16, group=16)
     assert_same_as_faiss(search, memory, queries, 10)
-    assert search.fallbacks == 0
+    assert search.widened == search.fallbacks == 0
 
 
-def test_a_block_with_more_ties_than_candidates_falls_back_to_float32():
-    # 40 near-duplicates in one block that keeps 16: the cut copies may be neighbours, so every query is
-    # searched again in float32 (without that check the answer would be a wrong top-10 of the 16 kept).
-    memory, queries = near_ties(copies=40, blocks=1, block_rows=4096, seed=1)
+@pytest.mark.parametrize("copies, fallbacks", [(40, 0), (300, 4)])
+def test_a_block_with_more_ties_than_candidates_is_searched_again(copies, fallbacks):
+    # Near-duplicates in one block that keeps 16: the cut copies may be neighbours, so every query is
+    # searched again with 8 x 16 = 128 candidates (enough for 40 copies), then for 300 copies in float32.
+    # Without that check the answer would be a wrong top-10 of the 16 kept.
+    memory, queries = near_ties(copies=copies, blocks=1, block_rows=4096, seed=1)
     check_premise(memory, queries, 10)
     search = Bf16ExactSearch(memory, block_rows=4096, candidates=16, group=16)
     assert_same_as_faiss(search, memory, queries, 10)
-    assert search.fallbacks == len(queries)
+    assert search.widened == len(queries) and search.fallbacks == fallbacks
     assert_same_as_faiss(search, memory, torch.cat([queries, -queries]), 10)  # opposite queries: no tie
-    assert search.fallbacks == 2 * len(queries)
+    assert search.widened == 2 * len(queries) and search.fallbacks == 2 * fallbacks
 
 
 def test_bf16_scores_stay_inside_the_derived_bound():
@@ -114,4 +116,4 @@ def test_evaluate_memory_exact_bf16_equals_exact_and_reports_fallbacks(monkeypat
     exact = evaluate_memory(memory, val, num_classes=4, k=10)
     bf16 = evaluate_memory(memory, val, num_classes=4, k=10, search="exact_bf16")
     assert torch.equal(bf16.confusion, exact.confusion)
-    assert bf16.search_fallbacks == 0 and bf16.as_dict()["hbird_search_fallbacks"] == 0.0
+    assert bf16.search_widened == bf16.search_fallbacks == 0 and bf16.as_dict()["hbird_search_fallbacks"] == 0.0

@@ -256,7 +256,8 @@ class RetrievalResult:
     miou: after Hungarian matching of predicted to true classes (reference figure).
     miou_unmatched: plain mIoU of the predicted classes.
     iou: (C,) per-class IoU after matching. confusion: (C, C) int64, rows = predicted, columns = true class.
-    search_fallbacks: queries that search="exact_bf16" searched again in float32 (0 for the other searches).
+    search_widened / search_fallbacks: queries that search="exact_bf16" searched again with 8x the bf16
+    candidates / with faiss float32 (0 for the other searches).
     vis_predictions / vis_targets: (m, S, S) uint8 predicted classes (after the matching) and ground truth
     (255 = ignore) of the first m = ``num_vis`` val images at the metric's resolution (the masks' size), or None.
     """
@@ -271,6 +272,7 @@ class RetrievalResult:
     memory_bytes: int
     num_val_images: int
     timings: dict[str, float] = field(default_factory=dict)
+    search_widened: int = 0
     search_fallbacks: int = 0
     vis_predictions: Tensor | None = None
     vis_targets: Tensor | None = None
@@ -280,6 +282,7 @@ class RetrievalResult:
             "hbird_miou": self.miou,
             "hbird_miou_unmatched": self.miou_unmatched,
             "hbird_memory_rows": float(self.memory_rows),
+            "hbird_search_widened": float(self.search_widened),
             "hbird_search_fallbacks": float(self.search_fallbacks),
             **{f"hbird_{name}": value for name, value in self.timings.items()},
         }
@@ -290,7 +293,8 @@ class RetrievalResult:
             f"memory {self.memory_rows} rows / {self.memory_bytes / 2**30:.2f} GiB, {self.num_val_images} val images",
             *(f"  {name:<28} {value:10.3f}" for name, value in self.timings.items()),
         ]
-        if self.search_fallbacks:
+        if self.search_widened or self.search_fallbacks:
+            lines.append(f"  {'search_widened_queries':<28} {self.search_widened:10d}")
             lines.append(f"  {'search_fallback_queries':<28} {self.search_fallbacks:10d}")
         return "\n".join(lines)
 
@@ -372,6 +376,7 @@ def evaluate_memory(
         memory_bytes=memory.nbytes,
         num_val_images=num_images,
         timings=timings,
+        search_widened=searcher.widened if isinstance(searcher, Bf16ExactSearch) else 0,
         search_fallbacks=searcher.fallbacks if isinstance(searcher, Bf16ExactSearch) else 0,
         vis_predictions=vis_predictions,
         vis_targets=torch.cat(vis_gt) if vis_gt else None,
