@@ -49,25 +49,28 @@ def check_premise(memory: torch.Tensor, queries: torch.Tensor, k: int) -> None:
     assert not torch.equal(approx_rows, faiss_knn(memory, queries, k)[1])
 
 
-@pytest.mark.parametrize("rows", [4096, 4096 + 100, 4096 + 10])  # last block: grouped, plain top-k, kept whole
+# Last block of 1,024, 1,000 (grouped + 8 columns kept whole), 100 (plain top-k) and 10 rows (kept whole).
+@pytest.mark.parametrize("rows", [4096, 4096 + 1000, 4096 + 100, 4096 + 10])
 def test_random_normalised_data_same_rows_and_similarities_as_faiss(rows):
     gen = torch.Generator().manual_seed(rows)
     memory = F.normalize(torch.randn(rows, D, generator=gen), dim=1)
     queries = F.normalize(torch.randn(50, D, generator=gen), dim=1)
+    # 16 candidates over 4-5 blocks: each block keeps its top k (C = max(k, candidates / blocks))
     search = Bf16ExactSearch(memory, block_rows=1024, candidates=16, group=16, query_rows=32)
     assert_same_as_faiss(search, memory, queries, 10)
-    assert_same_as_faiss(search, memory, queries, 20)  # k > candidates: C becomes k
+    assert_same_as_faiss(search, memory, queries, 20)
     assert search.widened == search.fallbacks == 0
     half = memory.half()  # a float16 memory: the same answer as faiss on its float32 values
     assert_same_as_faiss(Bf16ExactSearch(half, block_rows=1024, candidates=16), half, queries, 10)
 
 
 def test_near_ties_are_ordered_by_the_float32_rescoring():
-    # 40 near-duplicates, 10 per block of 1,024 rows: each block keeps all its copies among its top 16,
-    # so no query falls back and the right order comes from the float32 re-scoring alone.
+    # 40 near-duplicates, 10 per block of 1,024 rows: each block keeps all its copies among its top 16
+    # (64 candidates over 4 blocks), so no query is searched again and the right order comes from the
+    # float32 re-scoring alone.
     memory, queries = near_ties(copies=40, blocks=4, block_rows=1024, seed=0)
     check_premise(memory, queries, 10)
-    search = Bf16ExactSearch(memory, block_rows=1024, candidates=16, group=16)
+    search = Bf16ExactSearch(memory, block_rows=1024, candidates=64, group=16)
     assert_same_as_faiss(search, memory, queries, 10)
     assert search.widened == search.fallbacks == 0
 

@@ -122,7 +122,8 @@ class Bf16ExactSearch:
     Window. Let tau be a query's k-th best bf16 score. Each of the k rows with a >= tau has
     s >= f(tau) = tau - 2^-8 |tau| - E (f increases), so the k-th best exact score S_k >= f(tau); a true
     top-k row has s >= S_k and a + 2^-8 |a| >= s - E, so a >= thr = h^-1(f(tau) - E) with h(x) = x + 2^-8 |x|.
-    Each memory block of ``block_rows`` rows keeps its top-C bf16 scores (C = max(candidates, k)); every
+    Each memory block of ``block_rows`` rows keeps its top-C bf16 scores, C = max(k, ``candidates`` /
+    number of blocks) (64 for 1.024M rows; a small memory has few, wide blocks that need more); every
     row it drops scores <= its C-th kept score, so when that is < thr for all blocks the kept candidates
     with a >= thr hold every true neighbour; they are re-scored in float32 and the best k returned. A
     query with some block's C-th kept score >= thr might have lost a neighbour: it is searched again with
@@ -130,15 +131,15 @@ class Bf16ExactSearch:
     :class:`ExactSearch` (``fallbacks``); both counters add up over calls.
 
     Cost per block of 1,024 queries x 131,072 rows x 384 (1 thread, a busy 2-core machine): the bf16
-    matmul 0.27 s, the top-64 0.14 s via group maxima (max over ``group`` strided rows, the top-C groups,
-    the top-C of their members: exact, as the top-C rows lie in the C groups of largest maxima) where
-    torch.topk takes 0.34 s; faiss.knn float32 takes 1.34 s. On 262,144 rows, 65,536-row blocks were
-    1.0-1.4x slower than 131,072 and 32,768-row blocks 1.9x (the top-C costs more per row in small
-    blocks); larger blocks leave fewer candidates per row (262,144 rows: 64% of queries fell back) and a
-    larger (Q, B) bf16 temporary (256 MB here).
+    matmul 0.23 s, the top-64 0.09 s via group maxima (max over ``group`` strided rows, the top-C groups,
+    the top-C of their members: exact, as the top-C rows lie in the C groups of largest maxima; top-32
+    0.07 s, top-512 0.26 s) where torch.topk(64) takes 0.21 s; faiss float32 takes 0.84 s. On 262,144
+    rows, 65,536-row blocks were 1.0-1.4x slower than 131,072 and 32,768-row blocks 1.9x (the top-C
+    costs more per row in small blocks); 262,144-row blocks keeping 64 left 64 % of the queries to the
+    fallback, and a block's (Q, B) bf16 temporary is 256 MB here.
     """
 
-    def __init__(self, features: Tensor, block_rows: int = 131072, candidates: int = 64, group: int = 16,
+    def __init__(self, features: Tensor, block_rows: int = 131072, candidates: int = 512, group: int = 16,
                  query_rows: int = 1024) -> None:
         if features.ndim != 2 or features.dtype not in (torch.float32, torch.float16):
             raise ValueError(f"features must be (M, D) float32/float16, got {features.dtype} {tuple(features.shape)}")
@@ -159,7 +160,7 @@ class Bf16ExactSearch:
         """queries (Q, D) -> (similarities (Q, k) float32, memory rows (Q, k) int64), best first."""
         if not 1 <= k <= len(self.features):
             raise ValueError(f"k={k} must be in [1, {len(self.features)}] (the memory size)")
-        keep = max(self.candidates, k)
+        keep = max(k, -(-self.candidates // -(-len(self.features) // self.block_rows)))  # per block
         chunks = queries.float().contiguous().split(self.query_rows)
         results = [self._search_chunk(chunk, k, keep, widen=True) for chunk in chunks]
         return torch.cat([s for s, _ in results]), torch.cat([r for _, r in results])
@@ -211,24 +212,25 @@ class Bf16ExactSearch:
         return sims, rows
 
     def _block_top(self, scores: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
-        """scores (Q, B) -> (top ``keep`` scores (Q, C), their columns (Q, C), C-th score (Q,)); a block
-        of at most C rows is kept whole and its C-th score is -inf (it cuts nothing)."""
+        """scores (Q, B) -> (kept scores (Q, C'), their columns (Q, C'), the largest score dropped or tied
+        with one dropped (Q,)): the top C = ``keep`` scores, plus the B mod ``group`` last columns kept whole;
+        a block of at most C rows is kept whole (-inf: it cuts nothing)."""
         n, width = scores.shape
         if width <= keep:
-            columns = torch.arange(width).expand(n, -1)
-            return scores, columns, torch.full((n,), -math.inf, dtype=scores.dtype)
+            return scores, torch.arange(width).expand(n, -1), torch.full((n,), -math.inf, dtype=scores.dtype)
         stride = width // self.group
-        if width % self.group or stride < keep:
+        if stride < keep:
             top, columns = scores.topk(keep, dim=1)
             return top, columns, top[:, -1]
         # Group j = columns j, j + stride, ...: a reduction over the middle axis is vectorised for
-        # bfloat16 (0.02 s per block) where amax over the last axis is not (0.11 s).
-        grouped = scores.view(n, self.group, stride)
+        # bfloat16 (0.02 s per 65,536-row block) where amax over the last axis is not (0.11 s).
+        grouped = scores[:, : self.group * stride].view(n, self.group, stride)
         groups = grouped.amax(1).topk(keep, dim=1, sorted=False).indices  # (Q, C)
         members = grouped.gather(2, groups[:, None, :].expand(-1, self.group, -1))  # (Q, G, C)
         top, flat = members.reshape(n, -1).topk(keep, dim=1)
         columns = (torch.arange(self.group)[:, None] * stride + groups[:, None, :]).reshape(n, -1).gather(1, flat)
-        return top, columns, top[:, -1]
+        rest = torch.arange(self.group * stride, width).expand(n, -1)  # fewer than ``group`` columns
+        return torch.cat([top, scores[:, self.group * stride :]], 1), torch.cat([columns, rest], 1), top[:, -1]
 
 
 class IVFSearch:
