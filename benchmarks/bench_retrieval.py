@@ -44,6 +44,11 @@ C, D, GRID, PATCH = 21, 384, 32, 14
 SIZE = GRID * PATCH
 
 
+def class_prototypes() -> torch.Tensor:
+    """(C, D) class means of the synthetic tokens (norm ~16 against noise of norm ~29)."""
+    return 2 * torch.randn(C, D, generator=torch.Generator().manual_seed(0)) / D**0.5 * 8
+
+
 def synthetic_batch(first: int, count: int, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images first..first+count-1 (deterministic per index): tokens (B, 32, 32, D), masks (B, 448, 448)."""
     classes = torch.zeros(count, GRID, GRID, dtype=torch.int64)
@@ -97,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prototypes = 2 * torch.randn(C, D, generator=torch.Generator().manual_seed(0)) / D**0.5 * 8
+    prototypes = class_prototypes()
 
     def train_batches():
         for _ in range(args.epochs):  # the same images each epoch (no augmentation on cached features)

@@ -101,8 +101,11 @@ def test_exact_search_matches_index_flat_ip_and_fp16_blocks():
     index = faiss.IndexFlatIP(16)
     index.add(memory.numpy())
     ref_sims, ref_rows = index.search(queries.numpy(), 7)
+    settings = faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs
     sims, rows = ExactSearch(memory).search(queries, 7)
     assert np.array_equal(rows.numpy(), ref_rows) and np.allclose(sims.numpy(), ref_sims)
+    # faiss's BLAS settings are changed only during the search
+    assert (faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs) == settings
     # float16 memory searched in blocks of 64 rows and merged == brute force on the decoded rows.
     half = memory.half()
     sims16, rows16 = ExactSearch(half, block_rows=64).search(queries, 7)
@@ -131,7 +134,7 @@ def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_error
     assert torch.equal(dist, torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="at least 39 \\* nlist = 312 rows"):
         IVFSearch(torch.randn(100, 4), nlist=8)
-    with pytest.raises(ValueError, match="search must be one of \\('exact', 'ivf'\\)"):
+    with pytest.raises(ValueError, match="search must be one of \\('exact', 'exact_bf16', 'ivf'\\)"):
         hummingbird(None, [], [], search="hnsw")
 
 
