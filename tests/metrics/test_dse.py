@@ -96,6 +96,25 @@ def test_masked_centred_singular_values_equal_those_of_the_member_rows(rows):
         torch.testing.assert_close(got[p], expected, rtol=1e-6, atol=0)  # ~sqrt(eps64) from Gram
 
 
+@pytest.mark.parametrize("rows", [40, 100])  # Gram rows x rows (40 <= d) or covariance d x d
+def test_float32_gram_path_agrees_with_float64_on_full_rank_rows(rows):
+    x = _gaussian(18, (4, rows, 64)) + 3.0  # offset: row-side centring in float32 must not cancel
+    member = torch.rand(4, rows, generator=torch.Generator().manual_seed(19)) < 0.7
+    fast = singular_values(x, member, centre=True).sort(-1).values  # float32 Gram, resolved
+    exact = singular_values(x.double(), member, centre=True).sort(-1).values
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-5 * exact.max().item())
+    torch.testing.assert_close(fast.sum(-1), exact.sum(-1), rtol=1e-6, atol=0)
+
+
+def test_float32_gram_path_recomputes_low_rank_spectra_in_float64():
+    # rank 4 in 64 dims: a float32 Gram leaves the 60 zero singular values at ~3e-4 sigma_max
+    # (measured), enough to shift css and M_dim; the unresolved spectra are redone in float64.
+    x = _gaussian(20, (3, 100, 4)) @ _gaussian(21, (4, 64))
+    sigma = singular_values(x, centre=True).sort(-1).values
+    assert (sigma[:, :-4] < 1e-6 * sigma[:, -1:]).all()
+    torch.testing.assert_close(sigma[:, -4:], singular_values(x.double(), centre=True).sort(-1).values[:, -4:])
+
+
 # ----------------------------------------------------------------------------- k-means
 
 

@@ -6,8 +6,9 @@ docs/dse.md. The reference loops over images, groups and clusters with a Python 
 the k-means problems of a kind run as batched Lloyd iterations over
 cache-sized chunks, all singular-value work runs as batched LAPACK calls, and chunks are spread
 over one single-threaded worker per core. Where the time goes at (1024, 196, 384) on 2 cores
-(``benchmarks/bench_dse.py``): float64 Gram matrices and their eigenvalues for M_dim and css,
-which float32 cannot replace (``spectra.singular_values``), then the k-means GEMMs.
+(``benchmarks/bench_dse.py``): the eigenvalues of the Gram matrices for M_dim and css (float32
+Grams, float64 only for spectra float32 does not resolve: ``spectra.singular_values``), then the
+k-means GEMMs and k-means++ seeding, then normalising and centring.
 
 Terms of one batch ``Z`` of shape ``(B, N, D)`` (code variant, all distance terms divided by
 ``s`` = mean distance of a token to the batch-mean token):
@@ -394,8 +395,8 @@ def _terms(
             perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : options.rank_draws or N]
             rows = torch.arange(B, device=y.device)
             ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
-                lambda draws: erank(y[rows, draws].to(work) + mean, normalise=normalise_er),
-                perm.mT.split(max(1, _CHUNK_BYTES // (B * D * 8))),
+                lambda draws: erank(y[rows, draws] + mean.to(y.dtype), normalise=normalise_er),
+                perm.mT.split(max(1, _CHUNK_BYTES // (B * D * y.element_size()))),
                 y.device,
             )
             dim = torch.cat(ers).mean()
@@ -430,7 +431,8 @@ def dse(features: Tensor, options: DSEOptions | None = None, **overrides: Any) -
 
     Args:
         features: (B, N, D) patch tokens of B images, any float dtype. k-means runs on
-            float32 batch-centred tokens, every term in float64.
+            float32 batch-centred tokens, every term in float64 but the Gram matrices of
+            resolved spectra (float32, see ``spectra.singular_values``).
         options: :class:`DSEOptions` (default: the README's); ``overrides`` replace single fields.
 
     Returns:
