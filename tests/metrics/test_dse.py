@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import importlib
 import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from densessl.metrics import (
     select_checkpoints,
 )
 from densessl.metrics.dse import _METRIC, _REGULARIZER
-from densessl.metrics.kmeans import lloyd
+
+dse_module = importlib.import_module("densessl.metrics.dse")
+from densessl.metrics.kmeans import lloyd, weighted_draw
 from densessl.metrics.spectra import singular_values
 
 B, N, D = 16, 196, 384
@@ -219,6 +223,31 @@ def test_collapsed_features_finite_with_warning():
             result = dse(exact)
         np.testing.assert_allclose([result.inter, result.intra_img, result.intra_batch], 0.0, atol=1e-6)
         assert result.dim == pytest.approx(1 / 8)  # a single direction: rank 1 over min(B, D)
+
+
+@pytest.mark.parametrize("spread", [1e-5, 1.0])
+def test_float32_centring_falls_back_to_float64_near_collapse(monkeypatch, spread):
+    # float32 inputs are normalised and centred in float32 unless s < 1e-2 rms; at spread 1e-5 the
+    # float32 rounding of the normalised tokens moves intra_img by ~1e-3 (measured), so the default
+    # must equal the float64 centring (threshold inf) there, and stay within 1e-6 of it on spread data.
+    x = _gaussian(7, (D // 6,)) + spread * _gaussian(8, (8, 49, D // 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        default = dse(x)
+        monkeypatch.setattr(dse_module, "_FLOAT32_SPREAD", math.inf)
+        float64 = dse(x)
+    for name, value in default.as_dict().items():
+        assert value == pytest.approx(getattr(float64, name), rel=1e-6), name
+
+
+def test_weighted_draw_never_draws_zero_weights_and_follows_the_weights():
+    weight = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).expand(20_000, 5)
+    picks = weighted_draw(weight, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0
+    assert counts[3] / counts.sum() == pytest.approx(0.75, abs=0.01)
+    tiny = torch.tensor([[1e-30, 0.0, 0.0]])  # u is kept below the total: never past the last positive weight
+    assert weighted_draw(tiny, torch.Generator().manual_seed(1)).item() == 0
 
 
 def test_deterministic_and_global_rng_untouched():

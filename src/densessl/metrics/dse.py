@@ -69,6 +69,9 @@ _CHUNK_BYTES = 8 * 2**20
 # batch holds many clusters (zero rows add only zero singular values, so this is exact) while
 # the eigenvalue cost, ~n^3, grows by only ~10% for clusters of ~65 tokens.
 _PAD_MULTIPLE = 4
+# Relative spread s / rms token norm below which the metric centres in float64: float32 rounding of
+# the normalised tokens then adds relative errors of up to ~6e-8 / 1e-2 = 6e-6 to y.
+_FLOAT32_SPREAD = 1e-2
 # Relative spread s / rms token norm below which the features count as collapsed.
 _COLLAPSE_RATIO = 1e-4
 
@@ -295,6 +298,8 @@ def _centre(
     float64 pass never materialises a float64 copy of the whole batch.
     """
     B, N, D = features.shape
+    if work == store and not (torch.is_grad_enabled() and features.requires_grad):
+        return _centre_in_place(features, normalize, work)
     chunks = features.split(max(1, _CHUNK_BYTES // (N * D * 8)))
 
     def scaled(f: Tensor) -> Tensor:  # as F.normalize: f / max(|f|, 1e-12), in work
@@ -319,6 +324,27 @@ def _centre(
     return torch.cat(ys), fixed, torch.cat(norms)
 
 
+def _centre_in_place(features: Tensor, normalize: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_centre` without autograd and with work == store: each chunk is normalised straight into
+    the output and centred there, allocating no chunk-sized temporaries (their fresh pages cost as much
+    as the arithmetic). features: (B, N, D) -> (y (B, N, D) in dtype, mean (D,), |y| (B, N))."""
+    B, N, D = features.shape
+    y = torch.empty(B, N, D, dtype=dtype, device=features.device)
+    chunks = y.split(max(1, _CHUNK_BYTES // (N * D * y.element_size())))
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]]).tolist()
+
+    def scale(item: tuple[int, Tensor]) -> Tensor:  # as F.normalize: f / max(|f|, 1e-12)
+        start, out = item
+        out.copy_(features[start : start + len(out)])
+        if normalize:
+            out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(1e-12))
+        return out.sum((0, 1))
+
+    mean = sum(_parallel_map(scale, zip(starts, chunks), features.device)) / (B * N)
+    norms = _parallel_map(lambda out: torch.linalg.vector_norm(out.sub_(mean), dim=-1), chunks, features.device)
+    return y, mean, torch.cat(norms)
+
+
 def _terms(
     features: Tensor,
     rules: _Rules,
@@ -341,9 +367,15 @@ def _terms(
         G = options.group_size or max(options.global_clusters // options.local_clusters, 1)
         variant = options.variant
 
-        y, mean, norms = _centre(features, options.normalize, work, store)
+        # Float32 tokens are normalised and centred in float32 (a quarter of the float64 time), unless
+        # the spread is so small that float32 rounding of the normalised tokens (~6e-8 rms) shows in y.
+        fast = store == torch.float32 and work == torch.float64
+        y, mean, norms = _centre(features, options.normalize, store if fast else work, store)
         if not torch.isfinite(mean).all():  # any NaN/inf token reaches the mean
             raise ValueError("DSE got non-finite features (NaN/inf); check the backbone output")
+        mean, norms = mean.to(work), norms.to(work)
+        if fast and norms.mean() < _FLOAT32_SPREAD * (norms.square().mean() + mean.square().sum()).sqrt():
+            y, mean, norms = _centre(features, options.normalize, work, store)
         s = norms.mean()
         if rules.eps:
             s = s + rules.eps
@@ -395,7 +427,7 @@ def _terms(
             perm = torch.rand(B, N, generator=generator, device=y.device).argsort(1)[:, : options.rank_draws or N]
             rows = torch.arange(B, device=y.device)
             ers = _parallel_map(  # draws: (n, B) token indices -> (n, B, D) contiguous matrices
-                lambda draws: erank(y[rows, draws] + mean.to(y.dtype), normalise=normalise_er),
+                lambda draws: erank(y[rows, draws].add_(mean.to(y.dtype)), normalise=normalise_er),
                 perm.mT.split(max(1, _CHUNK_BYTES // (B * D * y.element_size()))),
                 y.device,
             )

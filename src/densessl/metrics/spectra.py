@@ -62,12 +62,12 @@ def _float32_eigenvalues(x: Tensor, member: Tensor | None, centre: bool) -> tupl
     """
     m, d = x.shape[-2:]
     n = x.new_full(x.shape[:-2], m) if member is None else member.sum(-1).to(x.dtype)
-    if member is not None:
-        x = x * member[..., None]
+    w = None if member is None else member[..., None].to(x.dtype)
     if centre:  # on the rows: a Gram-side centring would cancel |mean|^2 in float32
-        x = x - x.sum(-2, keepdim=True) / n[..., None, None]
-        if member is not None:
-            x = x * member[..., None]
+        mean = (x.sum(-2, keepdim=True) if w is None else w.mT @ x) / n[..., None, None]  # (..., 1, d)
+        x = x - mean if w is None else (x - mean).mul_(w)  # one new (..., m, d) tensor, not three
+    elif w is not None:
+        x = x * w
     eigenvalues = torch.linalg.eigvalsh(x @ x.mT if m <= d else x.mT @ x).clamp_min(0)  # ascending
     zeros = (min(m, d) - (n - int(centre)).clamp(0, d)).long()  # (...)
     eigenvalues = eigenvalues.masked_fill(torch.arange(min(m, d), device=x.device) < zeros[..., None], 0)
