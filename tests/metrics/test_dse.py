@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import importlib
+import inspect
 import math
 import warnings
 from dataclasses import asdict
@@ -26,10 +26,11 @@ from densessl.metrics import (
     select_checkpoints,
 )
 from densessl.metrics.dse import _METRIC, _REGULARIZER
-
-dse_module = importlib.import_module("densessl.metrics.dse")
 from densessl.metrics.kmeans import lloyd, weighted_draw
 from densessl.metrics.spectra import singular_values
+
+# The module, not the function densessl.metrics re-exports under the same name.
+dse_module = importlib.import_module("densessl.metrics.dse")
 
 B, N, D = 16, 196, 384
 
