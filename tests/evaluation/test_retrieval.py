@@ -150,11 +150,11 @@ def test_ivf_pq4_recall_against_exact_search():
     search = IVFPQ4Search(memory, nlist=16, nprobe=16, reorder=10)
     assert 0.1 < recall(search.search(queries, 10)[1]) < 0.9
     with pytest.raises(ValueError, match="CPU only"):
-        IVFPQ4Search(memory, nlist=16, gpu=True)
+        IVFPQ4Search(memory, nlist=16, nprobe=4, gpu=True)
     with pytest.raises(ValueError, match="even feature dimension"):
-        IVFPQ4Search(torch.randn(1000, 5), nlist=16)
+        IVFPQ4Search(torch.randn(1000, 5), nlist=16, nprobe=4)
     with pytest.raises(ValueError, match="search=ivf_pq4 .* at least 39 \\* nlist = 624 rows"):
-        make_search(torch.randn(100, 4), "ivf_pq4", nlist=16)
+        make_search(torch.randn(100, 4), "ivf_pq4", nlist=16, nprobe=4)
 
 
 def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_errors():
