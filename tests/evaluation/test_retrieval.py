@@ -13,11 +13,13 @@ from densessl.evaluation.metrics import confusion_matrix
 from densessl.evaluation.retrieval import (
     ExactSearch,
     HummingbirdTransform,
+    IVFPQ4Search,
     IVFSearch,
     Memory,
     build_memory,
     evaluate_memory,
     hummingbird,
+    make_search,
     patch_label_counts,
     sample_patches,
     transfer_labels,
@@ -127,6 +129,34 @@ def test_ivf_search_visiting_every_list_is_exact_and_few_lists_trade_recall():
     assert 0.2 < recall < 1.0  # approximate, not broken (random 16-d data spreads neighbours over lists)
 
 
+def test_ivf_pq4_recall_against_exact_search():
+    gen = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(50, 32, generator=gen)  # clustered data: neighbours share a list
+    memory = centres[torch.randint(50, (4000,), generator=gen)] + torch.randn(4000, 32, generator=gen)
+    memory = F.normalize(memory, dim=1)
+    queries = F.normalize(centres[torch.randint(50, (64,), generator=gen)] + torch.randn(64, 32, generator=gen), dim=1)
+    _, exact_rows = ExactSearch(memory).search(queries, 10)
+
+    def recall(rows):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact_rows.tolist())])
+
+    # Every list visited, 240 of 4,000 re-scored: only the 4-bit codes can lose a neighbour (garbage codes
+    # would keep ~0.06 of them).
+    sims, rows = IVFPQ4Search(memory, nlist=16, nprobe=16).search(queries, 10)
+    assert recall(rows) > 0.95
+    assert torch.allclose(sims, (queries[:, None, :] * memory[rows]).sum(2), atol=1e-6)  # exact re-scoring
+    # Re-scoring only k: the 4-bit ranking alone (0.22 here; random rows would give 0.0025) loses most of
+    # the 10, which the 240 re-scored recover.
+    search = IVFPQ4Search(memory, nlist=16, nprobe=16, reorder=10)
+    assert 0.1 < recall(search.search(queries, 10)[1]) < 0.9
+    with pytest.raises(ValueError, match="CPU only"):
+        IVFPQ4Search(memory, nlist=16, nprobe=4, gpu=True)
+    with pytest.raises(ValueError, match="even feature dimension"):
+        IVFPQ4Search(torch.randn(1000, 5), nlist=16, nprobe=4)
+    with pytest.raises(ValueError, match="search=ivf_pq4 .* at least 39 \\* nlist = 624 rows"):
+        make_search(torch.randn(100, 4), "ivf_pq4", nlist=16, nprobe=4)
+
+
 def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_errors():
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).half()
     sims = torch.tensor([[0.9, -math.inf]])  # IVFSearch: a missing neighbour is row -1, similarity -inf
@@ -134,7 +164,7 @@ def test_ivf_missing_neighbours_get_zero_weight_and_bad_settings_are_clear_error
     assert torch.equal(dist, torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="at least 39 \\* nlist = 312 rows"):
         IVFSearch(torch.randn(100, 4), nlist=8)
-    with pytest.raises(ValueError, match="search must be one of \\('exact', 'exact_bf16', 'ivf'\\)"):
+    with pytest.raises(ValueError, match="search must be one of \\('exact', 'exact_bf16', 'ivf', 'ivf_pq4'\\)"):
         hummingbird(None, [], [], search="hnsw")
 
 

@@ -1,5 +1,6 @@
 """Nearest-neighbour search over the Hummingbird memory: exact (faiss float32, or a bf16 candidate pass
-with exact float32 re-scoring), or IVF in the manner of the reference's default ScaNN backend. Split from
+with exact float32 re-scoring), or IVF in the manner of the reference's default ScaNN backend (8-bit
+codes, or 4-bit product quantisation with fast-scan lookup tables, ScaNN's own design). Split from
 retrieval.py, which re-exports these names."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from densessl.faiss_import import check_faiss_gpu, import_faiss
 
 faiss = import_faiss()
 
-__all__ = ["SEARCHES", "Bf16ExactSearch", "ExactSearch", "IVFSearch", "bf16_matmul_is_fast", "make_search"]
+__all__ = ["SEARCHES", "Bf16ExactSearch", "ExactSearch", "IVFPQ4Search", "IVFSearch", "bf16_matmul_is_fast",
+           "make_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,48 @@ class Bf16ExactSearch:
         return torch.cat([top, scores[:, self.group * stride :]], 1), torch.cat([columns, rest], 1), top[:, -1]
 
 
+def _check_ivf(features: Tensor, search: str, nlist: int, nprobe: int) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"features must be (M, D), got {tuple(features.shape)}")
+    if not 1 <= nprobe <= nlist or len(features) < 39 * nlist:
+        raise ValueError(
+            f"search={search} with nlist={nlist}, nprobe={nprobe} needs 1 <= nprobe <= nlist and a memory of at "
+            f"least 39 * nlist = {39 * nlist} rows (faiss k-means), got {len(features)}; lower nlist or use "
+            "search=exact"
+        )
+
+
+def _train_and_add(index, features: Tensor, nlist: int, seed: int, block_rows: int) -> None:
+    """Train a faiss IVF index on at most ``256 * nlist`` memory rows drawn with ``seed`` (faiss's own
+    sample size), then add every row, ``block_rows`` at a time (float32 copies of one block only)."""
+    index.cp.seed = seed
+    sample = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[: 256 * nlist]
+    index.train(features[sample.sort().values].float().numpy())
+    for block in features.split(block_rows):
+        index.add(block.float().contiguous().numpy())
+
+
+def _rescore(features: Tensor, queries: Tensor, rows: Tensor, k: int, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """features (M, D), queries (Q, D) float32, candidate rows (Q, R) int64 (-1: none) -> (exact
+    similarities (Q, k), rows (Q, k)), best first; a missing candidate scores -inf (weight 0).
+
+    float32 memory: faiss's ``fvec_inner_products_by_idx`` reads the rows in place, 7x faster than
+    gathering them into a (Q, R, D) temporary and multiplying (1,024 x 120 candidates x 384: 0.033 vs
+    0.23 s, 1 thread). Other dtypes: gathered and converted, ``query_chunk`` queries at a time."""
+    if features.dtype == torch.float32 and features.is_contiguous():
+        sims = torch.empty(rows.shape, dtype=torch.float32)
+        faiss.fvec_inner_products_by_idx(  # row -1 gives -inf
+            faiss.swig_ptr(sims.numpy()), faiss.swig_ptr(queries.numpy()), faiss.swig_ptr(features.numpy()),
+            faiss.swig_ptr(rows.numpy()), features.shape[1], rows.shape[0], rows.shape[1])
+    else:
+        sims = torch.cat([
+            torch.einsum("qd,qrd->qr", q, features[r.clamp_min(0)].float())
+            for q, r in zip(queries.split(query_chunk), rows.split(query_chunk))
+        ]).masked_fill(rows < 0, -math.inf)
+    sims, order = sims.topk(k, dim=1)
+    return sims, rows.gather(1, order)
+
+
 class IVFSearch:
     """Approximate maximum-inner-product search in the manner of the reference's default ScaNN backend
     (hbird/nn/search_scann.py: 512 leaves, 32 searched, the best 120 re-scored exactly).
@@ -247,53 +291,78 @@ class IVFSearch:
 
     def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 120,
                  gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
-        if features.ndim != 2:
-            raise ValueError(f"features must be (M, D), got {tuple(features.shape)}")
-        if not 1 <= nprobe <= nlist or len(features) < 39 * nlist:
-            raise ValueError(
-                f"search=ivf with nlist={nlist}, nprobe={nprobe} needs 1 <= nprobe <= nlist and a memory of at "
-                f"least 39 * nlist = {39 * nlist} rows (faiss k-means), got {len(features)}; lower nlist or use "
-                "search=exact"
-            )
+        _check_ivf(features, "ivf", nlist, nprobe)
         check_faiss_gpu(gpu)
         dim = features.shape[1]
-        self.features, self.reorder = features, reorder
+        self.features, self.reorder = features.contiguous(), reorder
         self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
         index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[: 256 * nlist]
-        index.train(features[sample.sort().values].float().numpy())
-        for block in features.split(block_rows):
-            index.add(block.float().contiguous().numpy())
+        _train_and_add(index, features, nlist, seed, block_rows)
         index.nprobe = nprobe
         if gpu:
             self._resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)
         self.index = index
 
-    def search(self, queries: Tensor, k: int, query_chunk: int = 256) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """queries (Q, D) -> (exact similarities (Q, k), memory rows (Q, k)), best first. When the visited
         lists hold fewer than k rows, the missing entries are row -1 with similarity -inf (weight 0)."""
         queries = queries.float().contiguous()
         _, rows = self.index.search(queries.numpy(), max(k, self.reorder))
-        rows = torch.from_numpy(rows)
-        sims = torch.cat([  # exact re-scoring, a (chunk, reorder, D) float32 temporary at a time
-            torch.einsum("qd,qrd->qr", q, self.features[r.clamp_min(0)].float())
-            for q, r in zip(queries.split(query_chunk), rows.split(query_chunk))
-        ]).masked_fill(rows < 0, -math.inf)
-        sims, order = sims.topk(k, dim=1)
-        return sims, rows.gather(1, order)
+        return _rescore(self.features, queries, torch.from_numpy(rows), k)
 
 
-SEARCHES = ("exact", "exact_bf16", "ivf")
+class IVFPQ4Search:
+    """Approximate maximum-inner-product search with the design of ScaNN's asymmetric hashing + reorder
+    (the reference's default backend), on faiss's fast-scan kernels; CPU only.
+
+    faiss ``IndexIVFPQFastScan``: k-means lists as :class:`IVFSearch` (``nlist``, ``nprobe``, ``seed``);
+    each row's residual to its list centre is product-quantised in D/2 sub-vectors of 2 dimensions with
+    4-bit codes (16 centroids each: D/4 bytes a row, 96 at D = 384, a sixteenth of float32). A query scores
+    the rows of its ``nprobe`` lists through 16-entry lookup tables held in SIMD registers (faiss's fast
+    scan; ScaNN's AH builds the same tables, the reference with 2 dimensions per block), and its best
+    ``reorder`` candidates are re-scored exactly against the memory rows, so similarities are exact.
+
+    ``reorder`` 240, twice ScaNN's 120: the 4-bit scan costs more than the re-scoring, so re-scoring more
+    candidates buys recall cheaply. 1.024M x 384 synthetic memory, 1,024 queries, 512/32, 1 busy thread:
+    re-score 120 -> 0.36 s, recall of the exact top-30 0.335; 240 -> 0.41 s, 0.358; 480 -> 0.49 s, 0.368
+    (= exact scoring of the 32 lists); nprobe 48 with 240: 0.56 s, 0.426. D must be even.
+    """
+
+    def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 240,
+                 gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
+        _check_ivf(features, "ivf_pq4", nlist, nprobe)
+        if gpu:
+            raise ValueError("search=ivf_pq4 runs on the CPU only (faiss has no GPU fast-scan index); with gpu use "
+                             "search=ivf or search=exact")
+        if features.shape[1] % 2:
+            raise ValueError(f"search=ivf_pq4 needs an even feature dimension (2 per sub-quantiser), got "
+                             f"{features.shape[1]}")
+        dim = features.shape[1]
+        self.features, self.reorder = features.contiguous(), reorder
+        self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
+        self.index = faiss.IndexIVFPQFastScan(self._quantizer, dim, nlist, dim // 2, 4, faiss.METRIC_INNER_PRODUCT)
+        _train_and_add(self.index, features, nlist, seed, block_rows)
+        self.index.nprobe = nprobe
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """queries (Q, D) -> (exact similarities (Q, k), memory rows (Q, k)), best first; as
+        :meth:`IVFSearch.search` when the visited lists hold fewer than k rows."""
+        queries = queries.float().contiguous()
+        _, rows = self.index.search(queries.numpy(), max(k, self.reorder))
+        return _rescore(self.features, queries, torch.from_numpy(rows), k)
+
+
+SEARCHES = ("exact", "exact_bf16", "ivf", "ivf_pq4")
 
 
 def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, nlist: int = 512,
-                nprobe: int = 32, seed: int = 0) -> ExactSearch | Bf16ExactSearch | IVFSearch:
+                nprobe: int = 32, seed: int = 0) -> ExactSearch | Bf16ExactSearch | IVFSearch | IVFPQ4Search:
     """The memory's searcher: ``search="exact"`` (:class:`ExactSearch`), ``"exact_bf16"``
     (:class:`Bf16ExactSearch` on a CPU with AMX; the same answer, faster; :class:`ExactSearch` on a GPU
-    or on other CPUs) or ``"ivf"`` (:class:`IVFSearch`)."""
+    or on other CPUs), ``"ivf"`` (:class:`IVFSearch`) or ``"ivf_pq4"`` (:class:`IVFPQ4Search`, CPU only:
+    faster than the reference's ScaNN at a higher recall)."""
     if search == "exact_bf16" and not gpu:
         if bf16_matmul_is_fast():
             return Bf16ExactSearch(features)
@@ -302,4 +371,6 @@ def make_search(features: Tensor, search: str = "exact", *, gpu: bool = False, n
         return ExactSearch(features, gpu=gpu)
     if search == "ivf":
         return IVFSearch(features, nlist=nlist, nprobe=nprobe, gpu=gpu, seed=seed)
+    if search == "ivf_pq4":
+        return IVFPQ4Search(features, nlist=nlist, nprobe=nprobe, gpu=gpu, seed=seed)
     raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
