@@ -9,6 +9,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -278,32 +279,30 @@ def _rescore(features: Tensor, queries: Tensor, rows: Tensor, k: int, query_chun
     return sims, rows.gather(1, order)
 
 
-class IVFSearch:
-    """Approximate maximum-inner-product search in the manner of the reference's default ScaNN backend
-    (hbird/nn/search_scann.py: 512 leaves, 32 searched, the best 120 re-scored exactly).
+class _RescoredIVF:
+    """A faiss IVF index (lists from k-means on at most ``256 * nlist`` memory rows drawn with ``seed``,
+    faiss's own sample size) that finds ``reorder`` candidates in ``nprobe`` of ``nlist`` lists, re-scored
+    exactly against the memory rows: what :class:`IVFSearch` and :class:`IVFPQ4Search` share. Subclasses
+    name the mode, check their own options and build the index."""
 
-    faiss ``IndexIVFScalarQuantizer`` (8-bit codes: 1 byte per dimension, a quarter of the float32
-    memory) finds ``reorder`` candidates in ``nprobe`` of ``nlist`` lists; their exact inner products
-    with the memory rows pick the best k, so the returned similarities are exact. The lists come from
-    k-means on at most ``256 * nlist`` memory rows drawn with ``seed`` (faiss's own sample size).
-    gpu=True moves the index to GPU 0 (faiss with GPU support).
-    """
+    name = ""
 
-    def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 120,
-                 gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
-        _check_ivf(features, "ivf", nlist, nprobe)
-        check_faiss_gpu(gpu)
+    def __init__(self, features: Tensor, nlist: int, nprobe: int, reorder: int, gpu: bool, block_rows: int,
+                 seed: int) -> None:
+        _check_ivf(features, self.name, nlist, nprobe)
+        self.check(features, gpu)
         dim = features.shape[1]
         self.features, self.reorder = features.contiguous(), reorder
         self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
-        index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-        _train_and_add(index, features, nlist, seed, block_rows)
-        index.nprobe = nprobe
-        if gpu:
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-        self.index = index
+        self.index = self.make_index(self._quantizer, dim, nlist)
+        _train_and_add(self.index, features, nlist, seed, block_rows)
+        self.index.nprobe = nprobe
+
+    def check(self, features: Tensor, gpu: bool) -> None:
+        """Raise for options this mode cannot take, before anything is built."""
+
+    def make_index(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        raise NotImplementedError
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """queries (Q, D) -> (exact similarities (Q, k), memory rows (Q, k)), best first. When the visited
@@ -313,7 +312,33 @@ class IVFSearch:
         return _rescore(self.features, queries, torch.from_numpy(rows), k)
 
 
-class IVFPQ4Search:
+class IVFSearch(_RescoredIVF):
+    """Approximate maximum-inner-product search in the manner of the reference's default ScaNN backend
+    (hbird/nn/search_scann.py: 512 leaves, 32 searched, the best 120 re-scored exactly).
+
+    faiss ``IndexIVFScalarQuantizer`` (8-bit codes: 1 byte per dimension, a quarter of the float32
+    memory) finds the candidates (:class:`_RescoredIVF`), so the returned similarities are exact.
+    gpu=True moves the index to GPU 0 (faiss with GPU support).
+    """
+
+    name = "ivf"
+
+    def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 120,
+                 gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
+        super().__init__(features, nlist, nprobe, reorder, gpu, block_rows, seed)
+        if gpu:
+            self._resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._resources, 0, self.index)
+
+    def check(self, features: Tensor, gpu: bool) -> None:
+        check_faiss_gpu(gpu)
+
+    def make_index(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        return faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                             faiss.METRIC_INNER_PRODUCT)
+
+
+class IVFPQ4Search(_RescoredIVF):
     """Approximate maximum-inner-product search with the design of ScaNN's asymmetric hashing + reorder
     (the reference's default backend), on faiss's fast-scan kernels; CPU only.
 
@@ -330,28 +355,22 @@ class IVFPQ4Search:
     (= exact scoring of the 32 lists); nprobe 48 with 240: 0.56 s, 0.426. D must be even.
     """
 
+    name = "ivf_pq4"
+
     def __init__(self, features: Tensor, nlist: int = 512, nprobe: int = 32, reorder: int = 240,
                  gpu: bool = False, block_rows: int = 1 << 20, seed: int = 0) -> None:
-        _check_ivf(features, "ivf_pq4", nlist, nprobe)
+        super().__init__(features, nlist, nprobe, reorder, gpu, block_rows, seed)
+
+    def check(self, features: Tensor, gpu: bool) -> None:
         if gpu:
             raise ValueError("search=ivf_pq4 runs on the CPU only (faiss has no GPU fast-scan index); with gpu use "
                              "search=ivf or search=exact")
         if features.shape[1] % 2:
             raise ValueError(f"search=ivf_pq4 needs an even feature dimension (2 per sub-quantiser), got "
                              f"{features.shape[1]}")
-        dim = features.shape[1]
-        self.features, self.reorder = features.contiguous(), reorder
-        self._quantizer = faiss.IndexFlatIP(dim)  # referenced by the index: keep it alive
-        self.index = faiss.IndexIVFPQFastScan(self._quantizer, dim, nlist, dim // 2, 4, faiss.METRIC_INNER_PRODUCT)
-        _train_and_add(self.index, features, nlist, seed, block_rows)
-        self.index.nprobe = nprobe
 
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """queries (Q, D) -> (exact similarities (Q, k), memory rows (Q, k)), best first; as
-        :meth:`IVFSearch.search` when the visited lists hold fewer than k rows."""
-        queries = queries.float().contiguous()
-        _, rows = self.index.search(queries.numpy(), max(k, self.reorder))
-        return _rescore(self.features, queries, torch.from_numpy(rows), k)
+    def make_index(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        return faiss.IndexIVFPQFastScan(quantizer, dim, nlist, dim // 2, 4, faiss.METRIC_INNER_PRODUCT)
 
 
 SEARCHES = ("exact", "exact_bf16", "ivf", "ivf_pq4")
