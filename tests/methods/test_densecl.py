@@ -16,7 +16,7 @@ from PIL import Image
 
 from densessl.losses.densecl import dense_correspondence, densecl_loss, info_nce
 from densessl.methods import DenseCL
-from densessl.methods.densecl import DenseCLNeck, TwoViews, collate_views, shuffled_forward
+from densessl.methods.densecl import DenseCLNeck, TwoViews, collate_views, grouped_forward, shuffled_forward
 from densessl.models import ema_update
 from densessl.models.queue import FeatureQueue
 
@@ -86,7 +86,7 @@ def test_info_nce_is_the_reference_cross_entropy_and_matches_analytic_values():
 
 def test_identical_views_give_identity_correspondence_and_unit_positives():
     torch.manual_seed(0)
-    m = make_method(TINY_RESNET)  # BatchNorm in train mode: same batch -> same statistics in both encoders
+    m = make_method(TINY_RESNET, bn_groups=1)  # whole-batch BN in train mode: same batch -> same statistics in both encoders
     x = torch.randn(2, 3, 96, 96)
     before = {"g": m.queue_global.queue.clone(), "d": m.queue_dense.queue.clone()}
     terms = m.compute_loss({"crops": [x, x]})
@@ -190,6 +190,45 @@ def test_queue_and_shuffle_bn_under_ddp(tmp_path):
     assert not torch.equal(r0["seen"].sort(0).values, r0["x"])
 
 
+def test_shuffle_bn_on_one_device_uses_virtual_ranks():
+    x = torch.randn(8, 3)
+    seen = []
+
+    def fn(batch):  # BatchNorm's train-mode statistics: what each virtual rank normalises with
+        seen.append(batch)
+        return (batch - batch.mean(0),)
+
+    (centred,) = shuffled_forward(fn, x, torch.Generator().manual_seed(0), groups=4)
+    assert [len(b) for b in seen] == [2, 2, 2, 2]
+    shuffled = torch.cat(seen)
+    assert sorted(shuffled[:, 0].tolist()) == sorted(x[:, 0].tolist()) and not torch.equal(shuffled, x)
+    # each row comes back in its own place, centred on the mean of the group it was shuffled into
+    for group in seen:
+        for row in group:
+            i = int((x == row).all(1).nonzero())
+            assert torch.allclose(centred[i], row - group.mean(0))
+    (plain,) = grouped_forward(fn, x, 4)  # queries: consecutive slices, no shuffle
+    assert torch.allclose(plain[:2], x[:2] - x[:2].mean(0)) and torch.allclose(plain[6:], x[6:] - x[6:].mean(0))
+    (whole,) = shuffled_forward(fn, x, torch.Generator().manual_seed(0))  # groups=1: the whole batch
+    assert torch.allclose(whole, x - x.mean(0))
+
+
+def test_bn_groups_split_a_cnn_batch_and_are_checked():
+    cnn = {"name": "resnet18_os8", "weights": "none"}
+    m = make_method(backbone=cnn, bn_groups=2)
+    assert m.bn_groups == 2 and make_method().bn_groups == 1  # a ViT has no BN: nothing to split
+    calls = []
+    for net in (m.student_backbone, m.teacher_backbone):
+        net.model.conv1.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    x1, x2 = torch.randn(2, 4, 3, 32, 32)
+    m.compute_loss({"crops": [x1, x2]})
+    assert calls == [2, 2, 2, 2]  # two query slices, then two key slices
+    with pytest.raises(ValueError, match="bn_groups=2 needs a batch of at least 4"):
+        m.compute_loss({"crops": [x1[:3], x2[:3]]})
+    with pytest.raises(ValueError, match="bn_groups=0"):
+        make_method(backbone=cnn, bn_groups=0)
+
+
 # ---------------------------------------------------------------------- schedule, warm-up, EMA
 def test_lambda_warmup_gives_moco_v2_loss_then_the_mix():
     torch.manual_seed(0)
@@ -247,7 +286,8 @@ def test_quickstart_preset_composes_and_steps(preset, shrink):
     assert cfg.eval_before_after and cfg.data.name == "synthetic" and cfg.trainer.accelerator == "cpu"
     m = build_method(cfg)
     assert isinstance(m, DenseCL) and m.queue_global.size == cfg.method.queue_size
-    x = torch.randint(0, 255, (2, 2, 3, cfg.method.crops.size, cfg.method.crops.size), dtype=torch.uint8)
+    batch = 2 * m.bn_groups  # the CNN's virtual ranks (BN groups) need 2 images each; the ViT has none
+    x = torch.randint(0, 255, (2, batch, 3, cfg.method.crops.size, cfg.method.crops.size), dtype=torch.uint8)
     terms = m.compute_loss({"crops": [m.color(v) for v in x]})
     assert torch.isfinite(terms["loss"])
 
@@ -258,7 +298,7 @@ def test_r50_coco_experiment_trains_offline_and_checkpoints_queues(tmp_path):
            "backbone.weights=none", "data=synthetic", "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}",
            "data.synthetic.n_train=8", "data.synthetic.n_val=2", "data.synthetic.size=64", "data.num_workers=0",
            "data.batch_size=2", "trainer.max_epochs=1", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
-           "logger=[csv]", "trainer.enable_progress_bar=false", "eval_before_after=false",
+           "logger=[csv]", "trainer.enable_progress_bar=false", "eval_before_after=false", "method.bn_groups=1",
            "+backbone.model_kwargs.layers=[1,1,1,1]", "method.crops.size=64", "method.neck.hidden_dim=64",
            "method.queue_size=16", "method.lambda_warmup_steps=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -263,7 +263,7 @@ def test_non_finite_loss_lists_the_terms_of_the_step(monkeypatch):
     batch = collate_multicrop([method.train_transform()(image) for _ in range(2)])
     batch["crops"] = [method.color(c) for c in batch["crops"]]
     monkeypatch.setattr(neco, "neco_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
-    with pytest.raises(NonFiniteLossError, match=r"terms: \{'loss': nan, 'student_tokens_nonfinite': 0.0\}"):
+    with pytest.raises(NonFiniteLossError, match=r"terms: \{'loss': nan, 'teacher_spread': [0-9.]+, 'student_tokens_nonfinite': 0.0\}"):
         method.training_step(batch, 0)
     # every scalar term of the objective reaches the message, plain numbers too (DenseCL's loss_lambda)
     terms = {"loss": torch.tensor(float("inf")), "local": torch.tensor(1.5), "loss_lambda": 0.5}
@@ -282,3 +282,31 @@ def test_corrupt_weights_file_names_the_file_and_the_key(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(WeightsError, match="holds a list, not a checkpoint dict"):
         Backbone(**TINY, weights=str(path))
+
+
+def test_neco_teacher_spread_is_zero_exactly_when_ranks_are_uniform():
+    import math
+
+    from PIL import Image
+
+    from densessl.losses.neco import neco_loss
+    from densessl.methods import NeCo
+    from densessl.transforms import MultiCropWithBoxes, collate_multicrop
+
+    torch.manual_seed(0)
+    refs = torch.nn.functional.normalize(torch.randn(2, 3, 16, 8), dim=-1)  # (P, B, R, d)
+    teacher = torch.nn.functional.normalize(torch.randn(2, 3, 4, 8), dim=-1)  # (P, B, K, d)
+    spread = NeCo.teacher_spread(teacher, refs)
+    cos = teacher @ refs.transpose(-1, -2)
+    assert spread.item() == pytest.approx(cos.std(-1).mean().item()) and spread > 0.1
+    # collapsed: every reference is the same vector, so every query sees them all equally near
+    same = refs[:, :, :1].expand_as(refs)
+    assert NeCo.teacher_spread(teacher, same).item() == pytest.approx(0.0, abs=1e-6)
+    # ... and the loss is then ln R, its value for uniform soft ranks, whatever the student does
+    loss = neco_loss(teacher, teacher, same)
+    assert loss.item() == pytest.approx(math.log(16), rel=1e-3)
+    method = NeCo(backbone=dict(TINY), optim=dict(lr=1e-3), head=dict(hidden_dim=16, out_dim=8), roi_size=2, queue_size=0)
+    image = Image.fromarray((torch.rand(96, 96, 3) * 255).byte().numpy())
+    batch = collate_multicrop([MultiCropWithBoxes(global_size=64, local_size=32, n_global=2, n_local=0)(image)] * 2)
+    batch["crops"] = [method.color(c) for c in batch["crops"]]
+    assert method.compute_loss(batch)["teacher_spread"] > 0  # logged as train/teacher_spread

@@ -7,10 +7,13 @@ dense positives found by argmax cosine similarity of the two views' backbone fea
 
 (i) BatchNorm. Both encoders run BN in train mode, as the reference. Under DDP the key batch is
     shuffled across ranks before the key forward and unshuffled after (MoCo's shuffle BN, so a
-    query and its positive key never share BN statistics). On one device there is nothing to
-    shuffle with and keys use the whole batch's statistics (the reference cannot run without DDP at
-    all, issue #32); a warning says so. Keep ``trainer.sync_batchnorm=false``: SyncBN makes the key
-    statistics global again and voids the shuffle.
+    query and its positive key never share BN statistics). On one device the batch is split into
+    ``bn_groups`` virtual ranks instead (as MoCo's single-GPU CIFAR demo, SplitBatchNorm): queries
+    in order, keys after a random permutation, each group with its own BN statistics. Without it the
+    key batch's statistics are the query batch's, a signature by which the positive key can be told
+    from the queue's keys without learning anything (the reference cannot run without DDP at all,
+    issue #32). Keep ``trainer.sync_batchnorm=false``: SyncBN makes the key statistics global again
+    and voids the shuffle.
 (ii) The EMA runs after each optimiser step (base class) instead of before the next key forward:
     the same sequence of key weights (the reference's first update, with equal weights, is a no-op).
     Momentum is a constant 0.999 on parameters only (BN buffers are the key encoder's own).
@@ -89,16 +92,35 @@ def collate_views(samples: list[dict[str, list[Tensor]]]) -> dict[str, list[Tens
     return {"crops": [torch.stack([s["crops"][i] for s in samples]) for i in range(2)]}
 
 
+def grouped_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, groups: int,
+                    perm: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``fn`` on ``groups`` consecutive slices of ``images`` (B, ...) (of ``images[perm]`` when given),
+    so BatchNorm sees each slice's statistics alone, as on ``groups`` devices; outputs (B, ...) come
+    back in the original order."""
+    if perm is not None:
+        images = images[perm]
+    parts = [fn(chunk) for chunk in images.tensor_split(groups)]
+    outputs = tuple(torch.cat(o) for o in zip(*parts))
+    if perm is None:
+        return outputs
+    inverse = torch.argsort(perm)
+    return tuple(o[inverse] for o in outputs)
+
+
 @torch.no_grad()
 def shuffled_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor,
-                     generator: torch.Generator) -> tuple[Tensor, ...]:
+                     generator: torch.Generator, groups: int = 1) -> tuple[Tensor, ...]:
     """MoCo's shuffle BN: ``fn`` on this rank's share of a random permutation of the global batch.
 
     images (B, ...) per rank; every output of ``fn`` (B, ...) comes back in this rank's original
-    order. Without DDP, simply ``fn(images)``.
+    order. Without DDP, ``fn`` on ``groups`` slices of a random permutation of the batch (virtual
+    ranks; 1: simply ``fn(images)``).
     """
     if not is_distributed():
-        return fn(images)
+        if groups <= 1:
+            return fn(images)
+        perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+        return grouped_forward(fn, images, groups, perm)
     world, rank = dist.get_world_size(), dist.get_rank()
     gathered = gather_rows(images)
     perm = torch.randperm(gathered.shape[0], generator=generator).to(images.device)
@@ -122,18 +144,24 @@ class DenseCL(SSLMethod):
         lambda_warmup_steps: the dense term's weight is 0 for optimiser steps below this
             (DenseCLWarmupHook / mmpretrain DenseCLHook ``start_iters``; the author suggests 10000;
             0 = off, as in every released config).
-        shuffle_bn: shuffle the key batch across DDP ranks around the key forward (no-op on one device).
+        shuffle_bn: shuffle the key batch across DDP ranks around the key forward; on one device, across
+            ``bn_groups`` virtual ranks.
+        bn_groups: virtual ranks on one device (each a slice of B / bn_groups images with its own BN
+            statistics, queries in order, keys shuffled); 1 = whole-batch statistics, which leak
+            the positive. Ignored under DDP (the real ranks) and without BN.
         seed: seed of the queue inits and of the shuffle permutations.
         crops: :class:`TwoViews` kwargs (size 224, scale (0.2, 1), flip_p 0.5).
     """
 
     def __init__(self, backbone: dict[str, Any], optim: dict[str, Any], teacher: dict[str, Any] | None = None,
                  neck: dict[str, Any] | None = None, queue_size: int = 65536, temperature: float = 0.2,
-                 loss_lambda: float = 0.5, lambda_warmup_steps: int = 0, shuffle_bn: bool = True, seed: int = 0,
-                 eval_on: str = "student", **kwargs: Any) -> None:
+                 loss_lambda: float = 0.5, lambda_warmup_steps: int = 0, shuffle_bn: bool = True, bn_groups: int = 4,
+                 seed: int = 0, eval_on: str = "student", **kwargs: Any) -> None:
         super().__init__(backbone, optim, teacher=teacher or {"momentum": 0.999}, eval_on=eval_on, **kwargs)
         if not 0.0 <= loss_lambda <= 1.0:
             raise ValueError(f"loss_lambda={loss_lambda} must lie in [0, 1] (method.loss_lambda)")
+        if bn_groups < 1:
+            raise ValueError(f"method.bn_groups={bn_groups} must be >= 1 (1: no virtual ranks)")
         neck = neck or {}
         dim = self.student_backbone.embed_dim
         self.student_neck = DenseCLNeck(dim, **neck)
@@ -143,6 +171,9 @@ class DenseCL(SSLMethod):
         self.queue_dense = FeatureQueue(queue_size, out_dim, seed=seed + 1)
         self.temperature, self.loss_lambda = temperature, loss_lambda
         self.lambda_warmup_steps, self.shuffle_bn, self.seed = lambda_warmup_steps, shuffle_bn, seed
+        self.bn_groups = 1
+        if shuffle_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student_backbone.modules()):
+            self.bn_groups = bn_groups  # without BN a split forward would only cost time
         self._shuffle_generator: torch.Generator | None = None
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -170,9 +201,18 @@ class DenseCL(SSLMethod):
         if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
             rank_zero_warn("DenseCL: SyncBatchNorm makes the key encoder's BN statistics global, which voids "
                            "shuffle BN; set trainer.sync_batchnorm=false as the reference.")
-        elif norms and not is_distributed():
-            rank_zero_warn("DenseCL: shuffle BN needs several DDP processes; on one device the key encoder's BN "
-                           "uses the whole batch's statistics (MoCo notes this can leak the positive).")
+        elif norms and not is_distributed() and self.bn_groups == 1:
+            rank_zero_warn("DenseCL: method.bn_groups=1 on one device: the key encoder's BN uses the whole batch's "
+                           "statistics, which can leak the positive (MoCo); use bn_groups >= 2.")
+
+    def _groups(self, batch_size: int) -> int:
+        """Virtual ranks of this step: 1 under DDP (the real ranks shuffle) or with bn_groups=1."""
+        if is_distributed() or self.bn_groups == 1:
+            return 1
+        if batch_size < 2 * self.bn_groups:
+            raise ValueError(f"method.bn_groups={self.bn_groups} needs a batch of at least {2 * self.bn_groups} images "
+                             f"(2 per group for BatchNorm), got {batch_size}: raise data.batch_size or lower method.bn_groups")
+        return self.bn_groups
 
     # ------------------------------------------------------------------ the step
     def _encode_keys(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -190,11 +230,12 @@ class DenseCL(SSLMethod):
         if len(crops) != 2:
             raise ValueError(f"DenseCL expects 2 views per image (query, key), got {len(crops)}; "
                              f"use its TwoViews transform (method.crops: size, scale, flip_p)")
-        q_feats, _ = self.student_backbone.forward_patches(crops[0])
+        groups = self._groups(crops[0].shape[0])
+        (q_feats,) = grouped_forward(lambda x: (self.student_backbone.forward_patches(x)[0],), crops[0], groups)
         q, q_dense, _ = self.student_neck(q_feats)
         with torch.no_grad():
             if self.shuffle_bn:
-                k_feats, k, k_dense, k_pooled = shuffled_forward(self._encode_keys, crops[1], self._generator())
+                k_feats, k, k_dense, k_pooled = shuffled_forward(self._encode_keys, crops[1], self._generator(), groups)
             else:
                 k_feats, k, k_dense, k_pooled = self._encode_keys(crops[1])
         lam = self.lambda_at(self.global_step)

@@ -213,4 +213,16 @@ class NeCo(SSLMethod):
         loss = neco_loss(views["student"], views["teacher"], refs, student_steepness=self.steepness[0],
                          teacher_steepness=self.steepness[1], network=self.sorter, sim=self.similarity,
                          query_mask=views["query_mask"])
-        return {"loss": loss, "dense": views["dense"]}
+        return {"loss": loss, "dense": views["dense"], "teacher_spread": self.teacher_spread(views["teacher"], refs)}
+
+    @staticmethod
+    @torch.no_grad()
+    def teacher_spread(teacher: Tensor, refs: Tensor) -> Tensor:
+        """Collapse monitor: mean over queries of the std of the teacher's cosines to its references.
+
+        teacher (P, B, K, d), refs (P, B, R, d), both unit rows. When it nears 0 every reference is
+        equally near, the teacher's soft ranks become uniform and the loss settles at ln R, its value
+        for uniform ranks: nothing is left to learn (what NeCo from a random init does within ~100
+        steps on the synthetic scenes; docs/objectives/neco.md).
+        """
+        return (teacher.float() @ refs.float().transpose(-1, -2)).std(-1).mean()
