@@ -99,12 +99,23 @@ def grouped_forward(fn: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, 
     back in the original order."""
     if perm is not None:
         images = images[perm]
+    if groups == 1 and perm is None:  # one slice: no split, no copy of the outputs
+        return fn(images)
     parts = [fn(chunk) for chunk in images.tensor_split(groups)]
     outputs = tuple(torch.cat(o) for o in zip(*parts))
     if perm is None:
         return outputs
     inverse = torch.argsort(perm)
     return tuple(o[inverse] for o in outputs)
+
+
+# BatchNorm layers (timm's BatchNormAct2d subclasses BatchNorm2d; SyncBatchNorm after Lightning's conversion).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batch_norms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``module`` (an empty list for ViTs)."""
+    return [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
 
 
 @torch.no_grad()
@@ -172,7 +183,7 @@ class DenseCL(SSLMethod):
         self.temperature, self.loss_lambda = temperature, loss_lambda
         self.lambda_warmup_steps, self.shuffle_bn, self.seed = lambda_warmup_steps, shuffle_bn, seed
         self.bn_groups = 1
-        if shuffle_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student_backbone.modules()):
+        if shuffle_bn and batch_norms(self.student_backbone):
             self.bn_groups = bn_groups  # without BN a split forward would only cost time
         self._shuffle_generator: torch.Generator | None = None
 
@@ -197,7 +208,7 @@ class DenseCL(SSLMethod):
     def on_fit_start(self) -> None:
         if not self.shuffle_bn:
             return
-        norms = [m for m in self.teacher_backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = batch_norms(self.teacher_backbone)
         if any(isinstance(m, nn.SyncBatchNorm) for m in norms):
             rank_zero_warn("DenseCL: SyncBatchNorm makes the key encoder's BN statistics global, which voids "
                            "shuffle BN; set trainer.sync_batchnorm=false as the reference.")
